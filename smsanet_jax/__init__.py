@@ -1,0 +1,3 @@
+"""smsanet-jax: SMSANet image colorization (ICASSP 2022) in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -165,3 +165,9 @@ def to_torch(variables: Variables, table: Sequence[Entry]) -> dict[str, np.ndarr
         stats = _get_path(variables["batch_stats"], entry.flax) if entry.kind == "bn" else {}
         state_dict.update(_entry_to_torch(entry, params, stats))
     return state_dict
+
+
+# --- SIGGRAPH17 (BaseNet) ----------------------------------------------------------------------
+
+
+# --- PFANet ------------------------------------------------------------------------------------

@@ -1,0 +1,356 @@
+"""Training: the train state, one jit-compiled sharded step, and the loop around it."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from flax.training import train_state
+
+from smsanet_jax import checkpointing, colorspace, data, losses, metrics, parallel, reporting
+from smsanet_jax.models import SMSANet
+from smsanet_jax.models import pfanet as pfanet_lib
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainState(train_state.TrainState):
+    """Params, Adam state and step, plus BatchNorm running statistics."""
+
+    batch_stats: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSettings:
+    """The static part of the loss: everything `train_step` is specialised on."""
+
+    alpha: float
+    norm: str
+    threshold: float
+    pfanet_variant: str
+    pfanet_size: int
+    dtype: Any
+    conv_impl: str
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
+        return cls(alpha=float(config.loss.alpha), norm=config.loss.norm,
+                   threshold=float(config.loss.threshold), pfanet_variant=config.loss.pfanet_variant,
+                   pfanet_size=config.loss.pfanet_size, dtype=DTYPES[config.dtype],
+                   conv_impl=config.conv_impl)
+
+
+def build_model(config: ml_collections.ConfigDict) -> nn.Module:
+    """The colorizer a config describes (BaseNet is SMSANet with attention "none")."""
+    m = config.model
+    return SMSANet(attention=m.attention, blocks=tuple(m.blocks), width=m.width, n_scales=m.n_scales,
+                   reduction=m.reduction, dtype=DTYPES[config.dtype], conv_impl=config.conv_impl)
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    o = config.optimizer
+    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
+
+
+def split_lab(rgb_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 RGB [N,H,W,3] -> (L [N,H,W,1], ab [N,H,W,2]), computed on the device."""
+    lab = colorspace.rgb_to_lab(rgb_uint8.astype(jnp.float32) / 255.0)
+    return lab[..., :1], lab[..., 1:]
+
+
+def _init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
+                image_size: int) -> TrainState:
+    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], tx=tx)
+
+
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                         mesh: jax.sharding.Mesh) -> TrainState:
+    """Shapes, dtypes and (replicated) shardings of the train state, allocating nothing."""
+    init = functools.partial(_init_state, model=model, tx=make_optimizer(config),
+                             image_size=config.image_size)
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    return jax.tree.map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), shapes)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+    """A fresh state, born replicated on the mesh; BaseNet weights from `config.init.basenet`."""
+    init = functools.partial(_init_state, model=model, tx=make_optimizer(config),
+                             image_size=config.image_size)
+    shardings = jax.tree.map(lambda s: s.sharding, abstract_train_state(config, model, mesh))
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+    if config.init.basenet:
+        loaded, _ = checkpointing.load_variables(config.init.basenet, kind="siggraph17")
+        params = _overlay(state.params, loaded["params"], config.init.basenet)
+        batch_stats = _overlay(state.batch_stats, loaded["batch_stats"], config.init.basenet)
+        state = state.replace(params=jax.device_put(params, parallel.replicated(mesh)),
+                              batch_stats=jax.device_put(batch_stats, parallel.replicated(mesh)))
+        logging.info("initialised the BaseNet part from %s", config.init.basenet)
+    return state
+
+
+def _overlay(base: Mapping, loaded: Mapping, source: str, prefix: str = "") -> dict:
+    """`base` with every leaf that `loaded` has replaced; `loaded` must be a sub-tree of `base`."""
+    out = dict(base)
+    for key, value in loaded.items():
+        where = f"{prefix}/{key}"
+        if key not in base:
+            raise ValueError(f"{source}: {where} does not exist in this model")
+        if isinstance(value, Mapping):
+            out[key] = _overlay(base[key], value, source, where)
+        elif tuple(np.shape(value)) != tuple(base[key].shape):
+            raise ValueError(f"{source}: {where} has shape {np.shape(value)}, the model wants "
+                             f"{tuple(base[key].shape)} (is model.width right?)")
+        else:
+            out[key] = np.asarray(value, base[key].dtype)
+    return out
+
+
+def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
+    """The frozen PFANet variables for the salient loss, replicated; None when alpha is 0."""
+    if not config.loss.alpha:
+        return None
+    variant = config.loss.pfanet_variant
+    if config.init.pfanet == "random":
+        # Only for tests of the loss plumbing: a random PFANet gives meaningless masks.
+        module = pfanet_lib.PFANet(variant=variant)
+        size = config.loss.pfanet_size
+        variables = jax.jit(module.init)(jax.random.key(config.seed + 1), jnp.zeros((1, size, size, 3)))
+    elif config.init.pfanet:
+        variables, _ = checkpointing.load_variables(config.init.pfanet, kind=f"pfanet-{variant}")
+    else:
+        raise ValueError("loss.alpha > 0 needs PFANet weights: convert them with "
+                         "`smsanet-jax convert-weights pfanet-s SRC DST` and pass --config.init.pfanet=DST "
+                         "(or set --config.loss.alpha=0)")
+    return jax.device_put(variables, parallel.replicated(mesh))
+
+
+def train_step(state: TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *,
+               settings: LossSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One Adam update on a global batch of uint8 RGB images; BN statistics span the global batch."""
+    l, ab = split_lab(batch["rgb"])
+    saliency_fn = None
+    if settings.alpha:
+        saliency_fn = functools.partial(
+            pfanet_lib.saliency, pfanet_variables, variant=settings.pfanet_variant,
+            size=settings.pfanet_size, dtype=settings.dtype, conv_impl=settings.conv_impl)
+
+    def loss_fn(params):
+        pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, l,
+                                       train=True, mutable=["batch_stats"])
+        loss, terms = losses.total(pred, ab, l, alpha=settings.alpha, saliency_fn=saliency_fn,
+                                   threshold=settings.threshold, norm=settings.norm)
+        return loss, (terms, updates["batch_stats"])
+
+    (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, {**terms, "grad_norm": optax.global_norm(grads)}
+
+
+def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_shardings: Any,
+                   pfanet_shardings: Any):
+    """`train_step` compiled once: explicit shardings, the state donated."""
+    step = functools.partial(train_step, settings=LossSettings.from_config(config))
+    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharded(mesh), pfanet_shardings),
+                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def predict_rgb(apply_fn, variables: Any, rgb_uint8: jax.Array) -> jax.Array:
+    """Ground-truth L + predicted ab -> uint8 RGB (rounded), the image every metric scores."""
+    l, _ = split_lab(rgb_uint8)
+    ab = apply_fn(variables, l, train=False)
+    return colorspace.lab_to_rgb_uint8(jnp.concatenate([l, ab.astype(jnp.float32)], axis=-1))
+
+
+def eval_step(apply_fn, variables: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-image prediction and scores of one batch (padding rows are scored too; mask them)."""
+    pred = predict_rgb(apply_fn, variables, batch["rgb"])
+    true = batch["rgb"]
+    return {"pred_rgb": pred, "psnr": metrics.psnr(pred, true), "ssim": metrics.ssim(pred, true),
+            "ssim_gaussian": metrics.ssim(pred, true, gaussian=True),
+            "colorfulness": metrics.colorfulness(pred)}
+
+
+class PreemptionWatcher:
+    """True once the job should stop: SIGTERM here, or JAX's preemption sync point across hosts."""
+
+    def __init__(self, checkpointer: checkpointing.Checkpointer):
+        self._checkpointer = checkpointer
+        self._signalled = False
+        # With several processes JAX's preemption service owns SIGTERM and agrees on a step.
+        if jax.process_count() == 1:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self._signalled = True
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            return self._checkpointer.manager.reached_preemption(step)
+        return self._signalled
+
+    def close(self) -> None:
+        if jax.process_count() == 1:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def _check_finite(step: int, host_metrics: Mapping[str, float], checkpointer) -> None:
+    bad = {k: v for k, v in host_metrics.items() if not np.isfinite(v)}
+    if bad:
+        checkpointer.wait()
+        raise NonFiniteLossError(
+            f"non-finite values at step {step}: {bad}; stopping. The last good checkpoint "
+            f"(step {checkpointer.latest_step()}) is untouched; lower the learning rate or use float32.")
+
+
+def _data_dir(config) -> str | None:
+    return config.data.data_dir or None
+
+
+def _evaluate(config, variables, mesh, eval_fn, max_batches: int | None = None
+              ) -> tuple[dict[str, float], np.ndarray]:
+    """Mean scores over the held-out images, and a gray | prediction | truth grid of the first batch."""
+    loader = data.make_eval_loader(
+        name=config.data.name, split=config.data.eval_split, data_dir=_data_dir(config),
+        image_size=config.image_size,
+        local_batch_size=parallel.local_batch_size(config.eval_batch_size, mesh),
+        num_examples=config.eval_num_examples, seed=config.seed)
+    sums, grid = {}, None
+    for i, batch in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        global_batch = parallel.make_global({"rgb": batch["rgb"], "mask": batch["mask"]}, mesh)
+        out = eval_fn(variables, global_batch)
+        mask = global_batch["mask"]
+        totals = {k: jnp.sum(jnp.where(mask, out[k], 0.0)) for k in ("psnr", "ssim", "ssim_gaussian")}
+        for k, v in jax.device_get({**totals, "count": jnp.sum(mask)}).items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if grid is None:
+            grid = comparison_grid(batch["rgb"][:4], local_rows(out["pred_rgb"])[:4])
+    count = max(sums.pop("count"), 1.0)
+    return {f"eval/{k}": v / count for k, v in sums.items()}, grid
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def comparison_grid(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """One row per image: its gray version (ab = 0) | the prediction | the ground truth."""
+    l, _ = split_lab(jnp.asarray(truth))
+    gray = np.asarray(colorspace.lab_to_rgb_uint8(
+        jnp.concatenate([l, jnp.zeros(l.shape[:3] + (2,), l.dtype)], axis=-1)))
+    return reporting.image_grid([[g, p, t] for g, p, t in zip(gray, pred, truth)])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+    """Trains (resuming from `workdir` if it has a checkpoint) to `config.num_train_steps`."""
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    if lead:
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
+    mesh = parallel.make_mesh(config.num_devices)
+    model = build_model(config)
+    abstract = abstract_train_state(config, model, mesh)
+    state_shardings = jax.tree.map(lambda s: s.sharding, abstract)
+    pfanet_variables = load_pfanet(config, mesh)
+    step_fn = jit_train_step(config, mesh, state_shardings,
+                             jax.tree.map(lambda _: parallel.replicated(mesh), pfanet_variables))
+    eval_fn = jax.jit(functools.partial(eval_step, model.apply))
+
+    loader = data.make_train_loader(
+        name=config.data.name, split=config.data.train_split, data_dir=_data_dir(config),
+        image_size=config.image_size,
+        local_batch_size=parallel.local_batch_size(config.global_batch_size, mesh),
+        seed=config.seed, num_workers=config.data.num_workers,
+        gray_threshold=config.data.gray_threshold)
+    batches = iter(loader)
+    checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    meta = {"model": checkpointing.jsonable(config.model.to_dict())}
+    start = checkpointer.latest_step() or 0
+    if start:
+        checkpointer.check_model(start, config.model.to_dict())
+        state = checkpointer.restore(start, abstract, batches)
+        logging.info("resumed from step %d in %s", start, workdir)
+    else:
+        state = create_train_state(config, model, mesh)
+
+    writer = reporting.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=lead)
+    progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)
+    preemption = PreemptionWatcher(checkpointer)
+    if lead and start < config.num_train_steps:
+        logging.info("compiling the train step (%d devices, global batch %d)", mesh.size,
+                     config.global_batch_size)
+    try:
+        for step in range(start + 1, config.num_train_steps + 1):
+            batch = next(batches)
+            state, step_metrics = step_fn(state, parallel.make_global({"rgb": batch["rgb"]}, mesh),
+                                          pfanet_variables)
+            last = step == config.num_train_steps
+            stopping = preemption.requested(step)
+            saving = last or stopping or checkpointer.should_save(step)
+            if saving or step % config.log_every_steps == 0:
+                host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                _check_finite(step, host, checkpointer)
+                rate = progress.update(step, {"loss": host["total"]})
+                writer.scalars(step, {**{f"train/{k}": v for k, v in host.items()},
+                                      "train/learning_rate": config.optimizer.learning_rate,
+                                      "train/images_per_second": rate})
+                if lead:
+                    _append_ids(workdir, step, batch["id"])
+            full_eval = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
+            if full_eval or step % config.image_every_steps == 0:
+                _report_eval(config, state, mesh, eval_fn, writer, workdir, step,
+                             max_batches=None if full_eval else 1)
+            if saving:
+                checkpointer.save(step, state, batches, meta, force=True)
+            if stopping:
+                logging.warning("stopped for preemption after step %d; rerun the same command to resume", step)
+                break
+    finally:
+        preemption.close()
+        checkpointer.close()
+        writer.close()
+    return state
+
+
+def _append_ids(workdir: str, step: int, ids: np.ndarray) -> None:
+    """Which examples each logged step trained on (process 0's share): resumption can be audited."""
+    with open(os.path.join(workdir, "batch_ids.jsonl"), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, "ids": np.asarray(ids).tolist()}) + "\n")
+
+
+def _report_eval(config, state, mesh, eval_fn, writer, workdir, step, max_batches) -> None:
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    scores, grid = _evaluate(config, variables, mesh, eval_fn, max_batches)
+    if max_batches is None:
+        writer.scalars(step, scores)
+        logging.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    writer.image(step, "eval/gray_prediction_truth", grid)
+    if jax.process_index() == 0:
+        os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
+        reporting.write_png(os.path.join(workdir, "images", f"step_{step:07d}.png"), grid)

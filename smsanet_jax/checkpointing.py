@@ -32,13 +32,13 @@ def _diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
 class Checkpointer:
     """Saves every `every_steps` (and on demand), keeps the newest `keep`, asynchronously."""
 
-    def __init__(self, workdir: str, every_steps: int, keep: int):
+    def __init__(self, workdir: str, every_steps: int = 1, keep: int = 1, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=every_steps, max_to_keep=keep, create=True,
-                enable_async_checkpointing=True),
+                save_interval_steps=every_steps, max_to_keep=keep, create=not read_only,
+                read_only=read_only, enable_async_checkpointing=True),
             item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:

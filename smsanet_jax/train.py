@@ -186,6 +186,29 @@ def eval_step(apply_fn, variables: Any, batch: Mapping[str, jax.Array]) -> dict[
             "colorfulness": metrics.colorfulness(pred)}
 
 
+def load_trained(workdir: str, step: int | None = None
+                 ) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, Any], int]:
+    """A trained model from a workdir: (config, model, {"params", "batch_stats"}, step).
+
+    Raises:
+      ValueError: the workdir has no config.json or no checkpoint.
+    """
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{workdir}: no config.json here; is it a training workdir?")
+    with open(config_path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    step = step or checkpointer.latest_step()
+    if not step:
+        raise ValueError(f"{workdir}: no checkpoint in {checkpointer.directory}")
+    model = build_model(config)
+    abstract = abstract_train_state(config, model, parallel.make_mesh(1))
+    state = checkpointer.restore_state(step, abstract)
+    checkpointer.close()
+    return config, model, {"params": state.params, "batch_stats": state.batch_stats}, step
+
+
 class PreemptionWatcher:
     """True once the job should stop: SIGTERM here, or JAX's preemption sync point across hosts."""
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: prepare the sample photos, train the quickstart SMSANet,
+# colorize a few photos, and say where everything is. Creates .venv and installs on first use.
+# Usage: scripts/quickstart.sh [WORKDIR] [--config.key=value ...]
+source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" data
+WORKDIR="${1:-runs/quickstart}"
+shift || true
+DATA_DIR="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
+
+smsanet-jax prepare-data sample_photos --data-dir "$DATA_DIR"
+smsanet-jax train --config configs/quickstart.py --workdir "$WORKDIR" \
+  --config.data.data_dir="$DATA_DIR" "$@"
+
+# Colorize the validation photos (written as grayscale first, so the model sees only L).
+mkdir -p "$WORKDIR/gray"
+python - "$WORKDIR/gray" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+from skimage import data
+for name in ("astronaut", "coffee", "chelsea"):
+    Image.fromarray(getattr(data, name)()).convert("L").save(f"{sys.argv[1]}/{name}.png")
+PY
+smsanet-jax colorize "$WORKDIR/gray" --workdir "$WORKDIR" --out "$WORKDIR/colorized" --overwrite
+
+cat <<MSG
+
+Done. Results in $WORKDIR:
+  checkpoints/          orbax checkpoints (rerun the same command to continue training)
+  images/step_*.png     gray | prediction | truth grids on held-out photos
+  colorized/            the photos in $WORKDIR/gray, colorized at full resolution
+  tensorboard/          open with: .venv/bin/tensorboard --logdir $WORKDIR/tensorboard
+MSG

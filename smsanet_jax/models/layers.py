@@ -59,8 +59,11 @@ class ConvTranspose4x4(nn.Module):
         return y + bias.astype(self.dtype)
 
 
-def batch_norm(train: bool, dtype: Any, name: str | None = None) -> nn.BatchNorm:
-    """BatchNorm with torch's defaults (eps 1e-5, running average decay 0.9); statistics in float32."""
+def batch_norm(train: bool, dtype: Any, name: str | None = None, momentum: float = 0.9) -> nn.BatchNorm:
+    """BatchNorm with torch's defaults (eps 1e-5, running average decay 0.9); statistics in float32.
+
+    `momentum` is Flax's decay of the running averages, i.e. 1 - torch's `momentum`.
+    """
     return nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
+            use_running_average=not train, momentum=momentum, epsilon=1e-5, dtype=dtype,
             param_dtype=jnp.float32, name=name)

@@ -250,3 +250,167 @@ def siggraph17_to_torch(variables: Variables) -> dict[str, np.ndarray]:
 
 
 # --- PFANet ------------------------------------------------------------------------------------
+
+
+def _pfanet_layers() -> tuple[tuple[Entry, str | None], ...]:
+    """Every PFANet layer: its PyTorch-port (S) entry and its Keras (K) layer name.
+
+    The two Dense layers of the channel attention are unnamed in the Keras model (None here).
+    """
+    rows: list[tuple[Entry, str | None]] = []
+    index = 0  # Index in torchvision's vgg16().features: a ReLU follows every conv, a pool every block.
+    for block, n_convs in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3)):
+        for i in range(1, n_convs + 1):
+            rows.append((Entry(f"vgg16.{index}", ("vgg16", f"conv{block}_{i}"), "conv"), f"block{block}_conv{i}"))
+            index += 2
+        index += 1
+    for level in (3, 4, 5):
+        torch_name, keras_name, module = f"cpfe_conv{level}_3", f"C{level}_cfe", f"cpfe{level}"
+        rows.append((Entry(f"{torch_name}.conv_1_1", (module, "conv_1x1"), "conv", bias=False), f"{keras_name}_cfe0"))
+        for i, rate in enumerate((3, 5, 7), start=1):
+            rows.append((Entry(f"{torch_name}.conv_dil_{rate}", (module, f"conv_dil{rate}"), "conv", bias=False),
+                         f"{keras_name}_cfe{i}_dilation"))
+        rows.append((Entry(f"{torch_name}.bn", (module, "bn"), "bn"), f"{keras_name}_BN"))
+    rows += [
+            (Entry("cha_att.linear_1", ("channel_att", "fc1"), "linear"), None),
+            (Entry("cha_att.linear_2", ("channel_att", "fc2"), "linear"), None),
+            (Entry("hl_conv1", ("hl_conv",), "conv"), "C345_conv"),
+            (Entry("hl_bn1", ("hl_bn",), "bn"), "C345_BN"),
+    ]
+    for i, keras_conv, keras_bn in ((1, "C1_conv", "C1_BN_BN"), (2, "C2_conv", "C2_BN_BN"), (3, "C12_conv", "C12_BN")):
+        rows += [(Entry(f"ll_conv_{i}", (f"ll_conv{i}",), "conv"), keras_conv),
+                 (Entry(f"ll_bn_{i}", (f"ll_bn{i}",), "bn"), keras_bn)]
+    # Branch g of the spatial attention: conv a then BN, conv b then BN (kernels (1,9)/(9,1) or the reverse).
+    for g, (a, b) in ((1, ("conv1k", "convk1")), (2, ("convk1", "conv1k"))):
+        for i, conv in enumerate((a, b), start=1):
+            rows += [(Entry(f"spa_att.grp{g}_{conv}", ("spatial_att", f"grp{g}_{conv}"), "conv"),
+                      f"spatial_attention_{g}_conv{i}"),
+                     (Entry(f"spa_att.grp{g}_bn{i}", ("spatial_att", f"grp{g}_bn{i}"), "bn"), f"attention{g}_{i}_BN")]
+    rows.append((Entry("ff_conv_1", ("out_conv",), "conv"), "sa"))
+    return tuple(rows)
+
+
+_PFANET_LAYERS = _pfanet_layers()
+PFANET_TABLE: tuple[Entry, ...] = tuple(entry for entry, _ in _PFANET_LAYERS)
+# Keras layer name -> Flax path; and the Flax paths of the unnamed Dense layers, found by kernel shape.
+PFANET_KERAS_NAMES: dict[str, tuple[str, ...]] = {k: e.flax for e, k in _PFANET_LAYERS if k is not None}
+_PFANET_KERAS_UNNAMED = tuple(e.flax for e, k in _PFANET_LAYERS if k is None)
+# Keras weight name -> (collection, Flax leaf).
+_KERAS_LEAVES = {
+        "kernel": ("params", "kernel"), "bias": ("params", "bias"),
+        "gamma": ("params", "scale"), "beta": ("params", "bias"),
+        "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var"),
+}
+
+
+def _pfanet_shapes(variant: str) -> Variables:
+    import jax  # pylint: disable=import-outside-toplevel
+    from smsanet_jax.models.pfanet import PFANet  # pylint: disable=import-outside-toplevel
+
+    # Shapes only (nothing allocated); 16x16 is the smallest valid input.
+    return jax.eval_shape(
+            PFANet(variant).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
+
+
+def pfanet_from_torch(state_dict: Mapping[str, np.ndarray], source: str = "PFANet checkpoint") -> Variables:
+    """Converts a PyTorch-port PFANet state dict (e.g. its released best-model .pth) to `PFANet("s")` variables.
+
+    Args:
+      state_dict: torch key -> array, as from `load_torch` (which unwraps {"model": ...} checkpoints).
+      source: how error messages name the checkpoint.
+
+    Returns:
+      {"params", "batch_stats"} for `PFANet("s")`.
+
+    Raises:
+      ConversionError: naming every missing or unexpected key and every shape mismatch.
+    """
+    return from_torch(state_dict, PFANET_TABLE, _pfanet_shapes("s"), source)
+
+
+def pfanet_to_torch(variables: Variables) -> dict[str, np.ndarray]:
+    """Exports `PFANet("s")` variables as a PyTorch-port state dict (without `num_batches_tracked`)."""
+    return to_torch(variables, PFANET_TABLE)
+
+
+def _decode_names(names: Any) -> list[str]:
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+
+
+def _keras_h5_layers(path: str) -> dict[str, dict[str, np.ndarray]]:
+    """Layer name -> {weight name: array} of a Keras HDF5 file in the legacy by-layer-name layout.
+
+    Reads weights files (`save_weights("x.h5")`, Keras 2) and whole-model files (`model.save("x.h5")`,
+    weights under "model_weights"); weight names lose their scope and ":0" ("C1_conv/kernel:0" -> "kernel").
+    """
+    import h5py  # pylint: disable=import-outside-toplevel
+
+    try:
+        with h5py.File(path, "r") as f:
+            root = f["model_weights"] if "model_weights" in f else f
+            if "layer_names" not in root.attrs:
+                hint = (" (this looks like the Keras 3 .weights.h5 layout; save the model with "
+                        "model.save('x.h5') to get the by-layer-name layout)" if "layers" in root else "")
+                raise ConversionError(f"{path}: not a Keras HDF5 file with weights by layer name{hint}")
+            layers = {}
+            for layer in _decode_names(root.attrs["layer_names"]):
+                group = root[layer]
+                weights = {n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float32)
+                           for n in _decode_names(group.attrs.get("weight_names", []))}
+                if weights:
+                    layers[layer] = weights
+            return layers
+    except (OSError, KeyError, RuntimeError) as e:  # h5py's errors for truncated or foreign files.
+        raise ConversionError(f"{path}: not a readable Keras HDF5 file ({type(e).__name__}: {e})") from e
+
+
+def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping:
+    try:
+        return _get_path(tree, path)
+    except KeyError:
+        return {}
+
+
+def pfanet_from_keras_h5(path: str) -> Variables:
+    """Converts official (Keras) PFANet weights, e.g. `PFA_00050.h5`, to `PFANet("k")` variables.
+
+    Layers are matched by name (the official model's names); the channel attention's two unnamed
+    Dense layers (auto-named dense_*) are matched by their kernel shapes, 384x96 and 96x384.
+
+    Args:
+      path: a Keras HDF5 weights or model file in the legacy by-layer-name layout.
+
+    Returns:
+      {"params", "batch_stats"} for `PFANet("k")`.
+
+    Raises:
+      ConversionError: naming every missing or unexpected layer and every mismatched weight, or
+        naming the file if it is not a readable Keras HDF5 file.
+    """
+    layers = _keras_h5_layers(path)
+    expected = _pfanet_shapes("k")
+    paths = {name: flax for name, flax in PFANET_KERAS_NAMES.items() if name in layers}
+    errors = [f"missing layer {name}" for name in PFANET_KERAS_NAMES if name not in layers]
+    unnamed = [name for name in layers if name not in PFANET_KERAS_NAMES]
+    for flax in _PFANET_KERAS_UNNAMED:
+        want = tuple(_get_path(expected["params"], flax)["kernel"].shape)
+        found = [n for n in unnamed if "kernel" in layers[n] and tuple(layers[n]["kernel"].shape) == want]
+        if len(found) == 1:
+            paths[found[0]] = flax
+        else:
+            errors.append(f"need exactly one Dense layer with kernel {want} for {'/'.join(flax)}, found {found}")
+    errors += [f"unexpected layer {name}" for name in unnamed if name not in paths]
+
+    variables: Variables = {"params": {}, "batch_stats": {}}
+    for name, flax in paths.items():
+        for weight, value in layers[name].items():
+            # An unknown weight name lands under its own name, so the shape check reports it.
+            collection, leaf = _KERAS_LEAVES.get(weight, ("params", weight))
+            _set_path(variables[collection], (*flax, leaf), value)
+    for name, flax in paths.items():
+        for collection in ("params", "batch_stats"):
+            errors += _shape_errors(_subtree(variables[collection], flax), _subtree(expected[collection], flax),
+                                    f"layer {name} ({collection}/{'/'.join(flax)})")
+    if errors:
+        raise ConversionError(f"{path} does not match PFANet (Keras layout):\n  " + "\n  ".join(errors))
+    return variables

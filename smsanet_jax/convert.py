@@ -42,7 +42,9 @@ def load_torch(path: str) -> dict[str, np.ndarray]:
     import torch  # pylint: disable=import-outside-toplevel
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # The PFANet port saves numpy scalars (its test MAE) beside the weights; allow just those.
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt or foreign files.
         raise ConversionError(f"{path}: not a readable PyTorch weights file ({type(e).__name__}: {e})") from e
     if isinstance(obj, Mapping):
@@ -53,6 +55,12 @@ def load_torch(path: str) -> dict[str, np.ndarray]:
     if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ConversionError(f"{path}: holds no state dict of tensors")
     return {k: v.detach().cpu().numpy() for k, v in obj.items() if isinstance(v, torch.Tensor)}
+
+
+def _numpy_scalar_globals() -> list:
+    """What a pickled numpy scalar refers to, under numpy 2 and numpy 1 module names."""
+    scalar = np._core.multiarray.scalar  # pylint: disable=protected-access
+    return [scalar, np.dtype, type(np.dtype(np.float32)), (scalar, "numpy.core.multiarray.scalar")]
 
 
 def _torch_keys(entry: Entry) -> tuple[str, ...]:
@@ -140,22 +148,22 @@ def from_torch(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], exp
     """
     wanted = {k for e in table for k in _torch_keys(e)}
     present = {k for k in state_dict if not k.endswith("num_batches_tracked")}
-    missing = sorted(wanted - present)
-    errors = [f"missing key {k}" for k in missing]
+    errors = [f"missing key {k}" for k in sorted(wanted - present)]
     errors += [f"unexpected key {k}" for k in sorted(present - wanted)]
     variables: Variables = {"params": {}, "batch_stats": {}}
     for entry in table:
         if not set(_torch_keys(entry)) <= present:
-            continue  # Reported as missing keys; convert the rest so shape errors are reported too.
+            continue  # Already reported as missing; the other modules still get shape-checked.
         params, stats = _entry_from_torch(entry, state_dict)
         _set_path(variables["params"], entry.flax, params)
         if stats:
             _set_path(variables["batch_stats"], entry.flax, stats)
     if not variables["batch_stats"]:
         del variables["batch_stats"]
-    # Leaves of skipped modules are missing here by construction: already reported as missing keys.
-    errors += _shape_errors(variables, {k: v for k, v in expected.items() if k in variables},
-                            report_missing=not missing)
+    shape_errors = _shape_errors(variables, {k: v for k, v in expected.items() if k in variables})
+    if errors:  # Leaves of missing keys are absent from `variables`; they are reported already.
+        shape_errors = [e for e in shape_errors if not e.endswith("missing from the checkpoint")]
+    errors += shape_errors
     if errors:
         raise ConversionError(f"{source} does not match the network:\n  " + "\n  ".join(errors))
     return variables

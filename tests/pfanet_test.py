@@ -123,8 +123,6 @@ def test_load_torch_truncated_checkpoint(torch_model, tmp_path):
         convert.load_torch(str(truncated))
 
 
-@pytest.mark.xfail(strict=True, reason="load_torch's weights_only load refuses numpy scalars, which the "
-                   "PyTorch port's train.py stores next to the weights ('test_mae' = np.mean(...))")
 def test_load_torch_reads_the_ports_checkpoint_format(torch_model, tmp_path):
     path = tmp_path / "best-model.pth"
     torch.save({"epoch": 204, "test_mae": np.mean(np.array([0.05, 0.06], np.float32)),

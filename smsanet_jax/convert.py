@@ -121,18 +121,17 @@ def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _shape_errors(converted: Mapping, expected: Mapping, prefix: str = "", report_missing: bool = True) -> list[str]:
-    """Compares two nested dicts of arrays; lists every extra or mis-shaped (and missing) leaf."""
+def _shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> list[str]:
+    """Compares two nested dicts of arrays; lists every missing, extra or mis-shaped leaf."""
     errors = []
     for key in sorted(set(converted) | set(expected)):
         where = f"{prefix}/{key}"
         if key not in expected:
             errors.append(f"{where}: not in the network")
         elif key not in converted:
-            if report_missing:
-                errors.append(f"{where}: missing from the checkpoint")
+            errors.append(f"{where}: missing from the checkpoint")
         elif isinstance(expected[key], Mapping):
-            errors.extend(_shape_errors(converted[key], expected[key], where, report_missing))
+            errors.extend(_shape_errors(converted[key], expected[key], where))
         elif tuple(converted[key].shape) != tuple(expected[key].shape):
             errors.append(f"{where}: shape {tuple(converted[key].shape)} in the checkpoint, "
                           f"{tuple(expected[key].shape)} in the network")

@@ -8,13 +8,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from smsanet_jax import colorspace
 from smsanet_jax.models import attention as attention_lib
 from smsanet_jax.models import layers
 
-# Normalisation inside the network, as the released `colorizers` model does.
-L_CENT = 50.0
-L_NORM = 100.0
-AB_NORM = 110.0
 BLOCK_NAMES = tuple(f"model{i}" for i in range(1, 11))
 ATTENTIONS = ("none", "smsa", "cbam", "se")
 # Three 2x subsamplings are undone by three 2x up-samplings, so H and W must divide by 2^3.
@@ -23,6 +20,8 @@ SIZE_MULTIPLE = 8
 
 def model_input(l: jax.Array, ab_hint: jax.Array | None = None, mask: jax.Array | None = None) -> jax.Array:
     """Builds the 4-channel input [(L-50)/100, a_hint/110, b_hint/110, mask].
+
+    The network normalises inside, as the released `colorizers` model does.
 
     Args:
       l: lightness in [0, 100], [N,H,W,1].
@@ -47,7 +46,7 @@ def model_input(l: jax.Array, ab_hint: jax.Array | None = None, mask: jax.Array 
     for name, value, channels in (("ab_hint", ab_hint, 2), ("mask", mask, 1)):
         if value.shape != l.shape[:-1] + (channels,):
             raise ValueError(f"{name} must have shape {l.shape[:-1] + (channels,)} to match L, got {value.shape}")
-    return jnp.concatenate([(l - L_CENT) / L_NORM, ab_hint / AB_NORM, mask], -1)
+    return jnp.concatenate([colorspace.normalize_l(l), colorspace.normalize_ab(ab_hint), mask], -1)
 
 
 def _subsample(x: jax.Array) -> jax.Array:
@@ -155,7 +154,7 @@ class BaseNet(nn.Module):
         merged = self._up("model10up", conv9, 2 * w) + self._conv("model1short10", conv1, 2 * w)
         conv10 = self._block("model10", merged, train, 2 * w, 1, decoder=True, final=True)
         out = layers.Conv(2, (1, 1), dtype=self.dtype, conv_impl=self.conv_impl, name="model_out")(conv10)
-        return AB_NORM * jnp.tanh(out.astype(jnp.float32))
+        return colorspace.denormalize_ab(jnp.tanh(out.astype(jnp.float32)))
 
     def _check_attention(self) -> None:
         if self.attention not in ATTENTIONS:

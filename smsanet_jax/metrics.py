@@ -52,7 +52,7 @@ def psnr(pred: jax.Array, true: jax.Array) -> jax.Array:
         ValueError: if the shapes differ or rows are too wide for exact int32 sums.
     """
     _check_images(pred, true)
-    n, h, w, c = pred.shape
+    _, h, w, c = pred.shape
     if w * c * 255**2 >= 2**31:
         raise ValueError(f"rows of {w} pixels are too wide for exact int32 sums")
     diff = pred.astype(jnp.int32) - true.astype(jnp.int32)

@@ -1,0 +1,328 @@
+"""grain loaders: infinite shuffled training batches and padded, masked evaluation batches."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from smsanet_jax.data import decode, sources, transforms
+
+# Zhang et al.'s `ab_thresh`: training crops whose a range + b range is below this are skipped.
+DEFAULT_GRAY_THRESHOLD = 5.0
+# A training shard in which this many examples in a row are unusable is broken data, not bad luck:
+# stop with an error instead of filtering forever.
+MAX_CONSECUTIVE_SKIPS = 1000
+# Skipped examples named in the log, per worker process; after that they are only counted.
+_MAX_NAMED_SKIPS = 5
+# Per-example skip counts ride in the batches from the worker processes to the main process,
+# where `LoaderIterator` removes them.
+_UNREADABLE = "_skipped_unreadable"
+_GRAY = "_skipped_gray"
+
+
+
+
+class _SkipLog:
+    """Names the first few skipped examples of a worker process."""
+
+    def __init__(self):
+        self._named = 0
+
+    def __call__(self, name: str, reason: str) -> None:
+        if self._named < _MAX_NAMED_SKIPS:
+            self._named += 1
+            logging.warning("skipping %s: %s%s", name, reason,
+                            " (further skips are counted, not named)" if self._named == _MAX_NAMED_SKIPS else "")
+
+
+class _TrainExample(grain.transforms.RandomMap):
+    """Record -> {"rgb", "id"}: decode, short-side resize, random crop and flip; or a skip marker."""
+
+    def __init__(self, image_size: int, gray_threshold: float):
+        self._size = image_size
+        self._gray_threshold = gray_threshold
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        try:
+            image = decode.decode_rgb(record["image"], target_size=self._size)
+        except decode.UnreadableImageError as e:
+            return {"skip": _UNREADABLE, "reason": f"unreadable ({e})", "name": record["name"]}
+        rgb = transforms.random_crop(image, self._size, rng)
+        if self._gray_threshold > 0:
+            spread = transforms.ab_spread(rgb)
+            if spread < self._gray_threshold:
+                return {"skip": _GRAY, "reason": f"near-grayscale crop (ab spread {spread:.2f})",
+                        "name": record["name"]}
+        return {"rgb": rgb, "id": record["id"]}
+
+
+class _DropSkipped(grain.transforms.Filter):
+    """Drops skip markers; the next kept example carries how many were dropped before it.
+
+    grain filters cannot report what they drop, so the counts travel inside the kept examples
+    (this is the only place that adds the fields; `LoaderIterator` removes them). Counts are per
+    worker process and reset with it, which is all logging needs.
+    """
+
+    def __init__(self):
+        self._counts = {_UNREADABLE: 0, _GRAY: 0}
+        self._in_a_row = 0
+        self._log = _SkipLog()
+
+    def filter(self, example: dict) -> bool:
+        kind = example.get("skip")
+        if kind is None:
+            example.update({k: np.int32(v) for k, v in self._counts.items()})
+            self._counts = dict.fromkeys(self._counts, 0)
+            self._in_a_row = 0
+            return True
+        self._counts[kind] += 1
+        self._in_a_row += 1
+        self._log(example["name"], example["reason"])
+        if self._in_a_row >= MAX_CONSECUTIVE_SKIPS:
+            raise RuntimeError(
+                f"{self._in_a_row} training examples in a row were unusable (last: {example['name']}, "
+                f"{example['reason']}): the data is broken, or gray_threshold is too high")
+        return False
+
+
+class _EvalExample(grain.transforms.Map):
+    """Record -> {"rgb", "id", "mask"}: full decode, short-side resize, centre crop; padding -> mask False."""
+
+    def __init__(self, image_size: int):
+        self._size = image_size
+        self._log = _SkipLog()
+
+    def map(self, record: dict) -> dict:
+        unreadable = 0
+        rgb = None
+        if record["id"] >= 0:
+            try:
+                # Full-resolution decode: the reference pixels of the metrics must not depend on
+                # libjpeg's reduced-size decoding.
+                rgb = transforms.center_crop(decode.decode_rgb(record["image"]), self._size)
+            except decode.UnreadableImageError as e:
+                unreadable = 1
+                self._log(record["name"], f"unreadable ({e}); masked out of the evaluation")
+        return {"rgb": np.zeros((self._size, self._size, 3), np.uint8) if rgb is None else rgb,
+                "id": record["id"], "mask": rgb is not None,
+                _UNREADABLE: np.int32(unreadable), _GRAY: np.int32(0)}
+
+
+class _PaddedSubset:
+    """The records `ids` of a source, where id -1 is a padding record (a grain data source)."""
+
+    def __init__(self, source: sources.ImageSource, ids: np.ndarray):
+        self._source = source
+        self._ids = ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __getitem__(self, index: int) -> dict:
+        i = int(self._ids[index])
+        return self._source[i] if i >= 0 else {"image": b"", "name": "", "id": np.int64(-1)}
+
+    def __repr__(self) -> str:
+        return f"PaddedSubset({self._source!r}, num_records={len(self)})"
+
+
+class LoaderIterator:
+    """Batches of one pass over a `Loader`; checkpointable like grain's own iterator.
+
+    Works with orbax's `grain.PyGrainCheckpointSave(it)` / `PyGrainCheckpointRestore(it)`: the
+    state is the wrapped grain iterator's. `skipped` counts, by reason, the examples dropped or
+    masked since this iterator was created (it is not part of the saved state).
+    """
+
+    def __init__(self, iterator: grain.DataLoaderIterator, description: str):
+        self._iterator = iterator
+        self._description = description
+        self.skipped = {"unreadable": 0, "near-grayscale": 0}
+        self._next_report = 1
+
+    def __iter__(self) -> LoaderIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = next(self._iterator)
+        self.skipped["unreadable"] += int(np.sum(batch.pop(_UNREADABLE)))
+        self.skipped["near-grayscale"] += int(np.sum(batch.pop(_GRAY)))
+        total = sum(self.skipped.values())
+        if total >= self._next_report:
+            # Reported at 1, 2, 4, 8, ... skips: visible, never flooding the log.
+            logging.info("%s: %s so far", self._description,
+                         ", ".join(f"{v} {k}" for k, v in self.skipped.items()) + " examples skipped")
+            while self._next_report <= total:
+                self._next_report *= 2
+        return batch
+
+    def get_state(self) -> bytes:
+        return self._iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        self._iterator.set_state(state)
+
+    def start_prefetch(self) -> None:
+        self._iterator.start_prefetch()
+
+
+class Loader:
+    """A grain DataLoader over one split; `iter(loader)` starts a pass (a `LoaderIterator`).
+
+    Attributes:
+      source: the split's `sources.ImageSource` (`source.name(id)`, `source.image(id)`).
+      num_batches: batches per pass for evaluation loaders (the same on every process); None
+        for the infinite training loader.
+      example_ids: evaluation loaders: the selected example ids of the whole split (all
+        processes), sorted.
+    """
+
+    def __init__(self, data_loader: grain.DataLoader, source: sources.ImageSource, description: str,
+                 num_batches: int | None = None, example_ids: np.ndarray | None = None):
+        self._data_loader = data_loader
+        self._description = description
+        self.source = source
+        self.num_batches = num_batches
+        self.example_ids = example_ids
+
+    def __iter__(self) -> LoaderIterator:
+        return LoaderIterator(iter(self._data_loader), self._description)
+
+
+def _allow_worker_processes() -> None:
+    """grain reads an absl flag when it starts worker processes (once jax's profiler is loaded),
+    which fails in programs that never parse absl flags (argparse CLIs, pytest); there the
+    defaults are what is meant."""
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _data_loader(source, sampler, shard_options, num_workers: int, local_batch_size: int,
+                 operations: list) -> grain.DataLoader:
+    if num_workers:
+        _allow_worker_processes()
+    # grain's default read-ahead (16 threads, 500 records per process) is sized for big hosts;
+    # records here are cheap reads, and decoding, not reading, is the cost.
+    read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 2 * local_batch_size))
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=num_workers, shard_options=shard_options,
+                            read_options=read_options)
+
+
+def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+    return process_index, process_count
+
+
+def make_train_loader(*, name: str, split: str = "train", data_dir: str | None = None, image_size: int,
+                      local_batch_size: int, seed: int, num_workers: int = 0,
+                      gray_threshold: float = DEFAULT_GRAY_THRESHOLD, process_index: int | None = None,
+                      process_count: int | None = None) -> Loader:
+    """Infinite training batches of this process's shard, reshuffled every epoch.
+
+    Each process reads its own contiguous 1/process_count of the split (the remainder is dropped
+    so that all shards are equal) in an order shuffled from `seed` and the epoch. Each example is
+    decoded (reduced-size JPEG decoding when it is at least twice `image_size`), resized so that
+    its short side is `image_size`, randomly cropped to a square and randomly flipped; randomness
+    comes from `seed` and the example's position in the stream, so an example's crop does not
+    depend on `num_workers`, but its batch does (each grain worker batches its own share of the
+    stream), and a checkpointed iterator resumes only with the same `num_workers`. Unreadable
+    examples and near-grayscale crops are skipped (counted and logged).
+
+    Args:
+      name: dataset name (see `sources`); folders and sample_photos are prepared on demand.
+      split: the split to read.
+      data_dir: the tfds data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets).
+      image_size: side S of the square crops.
+      local_batch_size: examples per batch on this process.
+      seed: shuffling and augmentation seed, in [0, 2**32).
+      num_workers: grain worker processes decoding in parallel (0: in this process).
+      gray_threshold: skip crops whose a range + b range (Lab units) is below this; 0 keeps all.
+      process_index: this process's shard (default: `jax.process_index()`).
+      process_count: number of shards (default: `jax.process_count()`).
+
+    Returns:
+      A `Loader` whose passes yield `{"rgb": uint8 [local_batch_size, S, S, 3],
+      "id": int64 [local_batch_size]}` forever.
+
+    Raises:
+      ValueError: the split has fewer examples than processes, or a bad name, split or argument.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    source = sources.open_source(name, split, data_dir=data_dir)
+    if len(source) < process_count:
+        raise ValueError(f"{source!r} has fewer examples than the {process_count} processes")
+    shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True,
+                                          num_epochs=None, seed=seed)
+    loader = _data_loader(source, sampler, shard, num_workers, local_batch_size,
+                          [_TrainExample(image_size, gray_threshold), _DropSkipped(),
+                           grain.transforms.Batch(local_batch_size, drop_remainder=True)])
+    return Loader(loader, source, f"{name}:{split} training loader")
+
+
+def select_examples(num_records: int, num_examples: int | None, seed: int) -> np.ndarray:
+    """A fixed random subset of `num_examples` ids (all ids if None or too many), sorted.
+
+    It depends only on the arguments, never on the number of processes.
+    """
+    if num_examples is None or num_examples >= num_records:
+        return np.arange(num_records, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_records, size=num_examples, replace=False)).astype(np.int64)
+
+
+def make_eval_loader(*, name: str, split: str, data_dir: str | None = None, image_size: int,
+                     local_batch_size: int, process_index: int | None = None,
+                     process_count: int | None = None, num_examples: int | None = None, seed: int = 0,
+                     num_workers: int = 0) -> Loader:
+    """One pass over (a fixed subset of) a split, padded so every process runs the same batches.
+
+    The selected ids (`select_examples`) are split into contiguous, disjoint per-process parts.
+    Each example is decoded at full resolution, resized so that its short side is `image_size`
+    and centre-cropped; nothing is skipped for colour. Padding (and the rare unreadable image)
+    has `mask` False and zero pixels; padding has id -1.
+
+    Args:
+      name: dataset name (see `sources`).
+      split: the split to read.
+      data_dir: the tfds data dir.
+      image_size: side S of the square crops.
+      local_batch_size: examples per batch on this process.
+      process_index: this process's part (default: `jax.process_index()`).
+      process_count: number of parts (default: `jax.process_count()`).
+      num_examples: evaluate on this many examples drawn with `seed` (the paper: 1000); None
+        (or more than the split has) means all.
+      seed: seed of the subset.
+      num_workers: grain worker processes.
+
+    Returns:
+      A `Loader` whose passes yield `num_batches` dicts `{"rgb": uint8 [B, S, S, 3],
+      "id": int64 [B], "mask": bool [B]}` with B = `local_batch_size`.
+    """
+    process_index, process_count = _process(process_index, process_count)
+    source = sources.open_source(name, split, data_dir=data_dir)
+    ids = select_examples(len(source), num_examples, seed)
+    if not len(ids):
+        raise ValueError(f"{source!r} is empty")
+    if num_examples is not None and num_examples > len(ids):
+        logging.info("%s:%s has %d examples; evaluating on all of them, not %d", name, split,
+                     len(ids), num_examples)
+    num_batches = math.ceil(math.ceil(len(ids) / process_count) / local_batch_size)
+    local = ids[len(ids) * process_index // process_count:len(ids) * (process_index + 1) // process_count]
+    padded = np.full(num_batches * local_batch_size, -1, np.int64)
+    padded[:len(local)] = local
+    loader = _data_loader(_PaddedSubset(source, padded),
+                          grain.samplers.IndexSampler(len(padded), shuffle=False, num_epochs=1),
+                          grain.sharding.NoSharding(), num_workers, local_batch_size,
+                          [_EvalExample(image_size), grain.transforms.Batch(local_batch_size)])
+    return Loader(loader, source, f"{name}:{split} evaluation loader", num_batches, ids)

@@ -4,6 +4,8 @@ import io
 import json
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import grain.python as grain_py
@@ -58,7 +60,8 @@ def test_sample_photos_builds_with_expected_splits(tmp_path):
     source = data.open_source("sample_photos", "validation", data_dir=str(tmp_path))
     assert sorted(source.name(i) for i in range(len(source))) == sorted(sample_photos.VALIDATION_FILES)
     coffee = [i for i in range(len(source)) if source.name(i) == "coffee.png"][0]
-    assert data.read_image("sample_photos", "validation", coffee, data_dir=str(tmp_path)).shape == (400, 600, 3)
+    image = data.read_image("sample_photos", "validation", coffee, data_dir=str(tmp_path))
+    assert image.shape == (400, 600, 3)
 
 
 def test_train_batches_have_the_promised_structure(photos_dir):
@@ -71,6 +74,16 @@ def test_train_batches_have_the_promised_structure(photos_dir):
 def test_tfds_name_not_prepared_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="prepare-data mnist"):
         _train(str(tmp_path), name="mnist")
+
+
+def test_reading_never_imports_tensorflow(photos_dir):
+    # In a fresh process: other tests in this session may have imported TensorFlow already.
+    code = ("import sys; from smsanet_jax import data; "
+            f"it = iter(data.make_train_loader(name='sample_photos', data_dir={photos_dir!r}, "
+            "image_size=16, local_batch_size=2, seed=0, process_index=0, process_count=1)); next(it); "
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 # --- determinism, epochs, sharding, resume -----------------------------------------------------
@@ -94,8 +107,10 @@ def test_every_epoch_is_a_new_permutation(photos_dir):
 @pytest.mark.parametrize("count", [2, 4])
 def test_train_shards_are_disjoint_and_equal(photos_dir, count):
     per_shard = len(sample_photos.TRAIN_FILES) // count
-    shards = [set(_take(_train(photos_dir, local_batch_size=per_shard, process_index=i, process_count=count),
-                        1)[0]["id"].tolist()) for i in range(count)]
+    shards = []
+    for i in range(count):
+        loader = _train(photos_dir, local_batch_size=per_shard, process_index=i, process_count=count)
+        shards.append(set(_take(loader, 1)[0]["id"].tolist()))
     assert all(len(s) == per_shard for s in shards)
     assert len(set.union(*shards)) == per_shard * count
 
@@ -172,7 +187,8 @@ def _png48(rgb16: np.ndarray) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+            + chunk(b"IEND", b""))
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -191,27 +207,30 @@ def _write_problem_folder(folder) -> tuple[dict, set]:
     yy, xx = np.mgrid[0:48, 0:64]
     photo = np.stack([xx * 4, yy * 5, 255 - xx * 3], -1).astype(np.uint8)  # Smooth: JPEG-friendly.
     palette_rgb = BANDS_4[(xx // 16) % 4].astype(np.uint8)
-    alpha = np.dstack([np.full((48, 64, 3), (200, 30, 30), np.uint8), np.where(xx < 32, 0, 255).astype(np.uint8)])
+    palette = Image.fromarray(palette_rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
+    alpha = np.dstack([np.full((48, 64, 3), (200, 30, 30), np.uint8),
+                       np.where(xx < 32, 0, 255).astype(np.uint8)])
     gray16 = (yy * 5).astype(np.uint16) * 257
     rgb16 = photo.astype(np.uint16) * 257
     stored = np.zeros((32, 64, 3), np.uint8)
     stored[:, :32], stored[:, 32:] = (255, 0, 0), (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = np.concatenate([np.full((32, 32, 3), (255, 0, 0)), np.full((32, 32, 3), (0, 0, 255))]).astype(np.uint8)
+    rotated = np.concatenate([np.full((32, 32, 3), (255, 0, 0), np.uint8),
+                              np.full((32, 32, 3), (0, 0, 255), np.uint8)])
     tiny = rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)
-    noise = _encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), "JPEG", quality=90)
+    noise = _encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), "JPEG")
     files = {
         "cmyk.jpg": (_encode(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=95), photo, 12),
         "gray.png": (_encode(Image.fromarray(photo[..., 1]), "PNG"), np.repeat(photo[..., 1:2], 3, 2), 0),
-        "palette.png": (_encode(Image.fromarray(palette_rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4),
-                                "PNG"), palette_rgb, 0),
+        "palette.png": (_encode(palette, "PNG"), palette_rgb, 0),
         "alpha.png": (_encode(Image.fromarray(alpha, "RGBA"), "PNG"),
                       np.where(xx[..., None] < 32, 255, alpha[..., :3]).astype(np.uint8), 0),
         "gray16.png": (_encode(Image.fromarray(gray16), "PNG"), np.repeat((yy * 5)[..., None], 3, 2), 0),
         "rgb16.png": (_png48(rgb16), photo, 0),
-        "sub/rotated.jpg": (_encode(Image.fromarray(stored), "JPEG", quality=95, subsampling=0, exif=exif.tobytes()),
-                             rotated, 12),
+        # No chroma subsampling: the red/blue edge stays sharp enough to check pixels.
+        "sub/rotated.jpg": (_encode(Image.fromarray(stored), "JPEG", quality=95, subsampling=0,
+                                    exif=exif.tobytes()), rotated, 12),
         "tiny.png": (_encode(Image.fromarray(tiny), "PNG"), tiny, 0),
         "one_pixel.png": (_encode(Image.fromarray(tiny[:1, :1]), "PNG"), tiny[:1, :1], 0),
         "photo.webp": (_encode(Image.fromarray(photo), "WEBP", lossless=True), photo, 0),
@@ -278,7 +297,8 @@ def test_folder_split_subfolders(tmp_path):
             Image.new("RGB", (8, 8), (i * 50, 0, 100)).save(tmp_path / "photos" / split / f"{i}.png")
     info = data.prepare(str(tmp_path / "photos"), data_dir=str(tmp_path / "tfds"))
     assert dict(info.splits) == {"train": 3, "validation": 2}
-    assert data.example_name(info.name, "validation", 0, data_dir=str(tmp_path / "tfds")).startswith("val/")
+    name = data.example_name(info.name, "validation", 0, data_dir=str(tmp_path / "tfds"))
+    assert name.startswith("val/")
 
 
 def test_hash_split_is_per_file():
@@ -323,10 +343,11 @@ def _unchecked_folder_dataset(folder, data_dir, files: dict):
 
 def test_unreadable_and_gray_examples_are_skipped_and_counted_at_read_time(tmp_path):
     yy, xx = np.mgrid[0:40, 0:40]
-    colour = _encode(Image.fromarray(np.stack([xx * 6, yy * 6, 255 - xx * 6], -1).astype(np.uint8)), "PNG")
+    colour = _encode(Image.fromarray(np.stack([xx * 6, yy * 6, 255 - xx * 6], -1).astype(np.uint8)),
+                     "PNG")
     gray = _encode(Image.fromarray((xx * 6).astype(np.uint8)), "PNG")
-    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"),
-                                     {"a.png": colour, "b.png": colour, "gray.png": gray, "bad.jpg": b"\xff\xd8junk"})
+    files = {"a.png": colour, "b.png": colour, "gray.png": gray, "bad.jpg": b"\xff\xd8junk"}
+    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"), files)
     source = data.open_source(name, "train", data_dir=str(tmp_path / "tfds"))
     usable = {i for i in range(len(source)) if source.name(i) in ("a.png", "b.png")}
     iterator = iter(_train(str(tmp_path / "tfds"), name=name, local_batch_size=2, gray_threshold=5.0))
@@ -339,7 +360,8 @@ def test_unreadable_and_gray_examples_are_skipped_and_counted_at_read_time(tmp_p
 
 def test_a_shard_of_only_unusable_examples_stops_with_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_SKIPS", 10)
-    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"), {"bad.jpg": b"", "x.png": b"0"})
+    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"),
+                                     {"bad.jpg": b"", "x.png": b"0"})
     with pytest.raises(RuntimeError, match="10 training examples in a row were unusable"):
         _take(_train(str(tmp_path / "tfds"), name=name), 1)
 
@@ -355,7 +377,8 @@ def test_tfrecord_dataset_gets_the_convert_command(tmp_path):
     dataset_info["fileFormat"] = "tfrecord"
     with open(path, "w") as f:
         json.dump(dataset_info, f)
-    with pytest.raises(ValueError, match=r"tfds convert_format --dataset_version_dir=\S+ --out_file_format=array_record"):
+    command = r"tfds convert_format --dataset_version_dir=\S+ --out_file_format=array_record"
+    with pytest.raises(ValueError, match=command):
         sources.open_source(info.name, "train", data_dir=str(tmp_path / "tfds"))
 
 

@@ -1,4 +1,4 @@
-"""Datasets (tfds, array_record) and grain loaders: sample photos, image folders, ImageNet, any tfds name."""
+"""Datasets (tfds, array_record) and grain loaders: sample photos, image folders, ImageNet, tfds names."""
 
 from smsanet_jax.data.decode import UnreadableImageError, decode_rgb
 from smsanet_jax.data.pipeline import (

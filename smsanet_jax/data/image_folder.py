@@ -35,7 +35,8 @@ def image_features() -> tfds.features.FeaturesDict:
     `image` holds the original file's bytes unchanged (any format `decode.decode_rgb` reads; the
     loaders read it with `tfds.decode.SkipDecoding`), `file_name` its path relative to the source.
     """
-    return tfds.features.FeaturesDict({"image": tfds.features.Image(), "file_name": tfds.features.Text()})
+    return tfds.features.FeaturesDict(
+        {"image": tfds.features.Image(), "file_name": tfds.features.Text()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,9 +75,11 @@ def list_folder(root: str) -> FolderListing:
                 continue
             path = os.path.join(directory, name)
             stat = os.stat(path)
-            files.append((os.path.relpath(path, root).replace(os.sep, "/"), stat.st_size, stat.st_mtime_ns))
+            relpath = os.path.relpath(path, root).replace(os.sep, "/")
+            files.append((relpath, stat.st_size, stat.st_mtime_ns))
     if not files:
-        raise ValueError(f"{root}: no image files ({', '.join(sorted(IMAGE_EXTENSIONS))}) in it or below")
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"{root}: no image files ({extensions}) in it or below")
     return FolderListing(root, tuple(sorted(files)))
 
 

@@ -25,8 +25,6 @@ _UNREADABLE = "_skipped_unreadable"
 _GRAY = "_skipped_gray"
 
 
-
-
 class _SkipLog:
     """Names the first few skipped examples of a worker process."""
 
@@ -36,8 +34,9 @@ class _SkipLog:
     def __call__(self, name: str, reason: str) -> None:
         if self._named < _MAX_NAMED_SKIPS:
             self._named += 1
+            last = self._named == _MAX_NAMED_SKIPS
             logging.warning("skipping %s: %s%s", name, reason,
-                            " (further skips are counted, not named)" if self._named == _MAX_NAMED_SKIPS else "")
+                            " (further skips are counted, not named)" if last else "")
 
 
 class _TrainExample(grain.transforms.RandomMap):
@@ -92,7 +91,7 @@ class _DropSkipped(grain.transforms.Filter):
 
 
 class _EvalExample(grain.transforms.Map):
-    """Record -> {"rgb", "id", "mask"}: full decode, short-side resize, centre crop; padding -> mask False."""
+    """Record -> {"rgb", "id", "mask"}: full decode, short-side resize, centre crop (padding: no mask)."""
 
     def __init__(self, image_size: int):
         self._size = image_size
@@ -196,9 +195,12 @@ class Loader:
 
 
 def _allow_worker_processes() -> None:
-    """grain reads an absl flag when it starts worker processes (once jax's profiler is loaded),
-    which fails in programs that never parse absl flags (argparse CLIs, pytest); there the
-    defaults are what is meant."""
+    """Lets grain start worker processes in programs that never parse absl flags.
+
+    grain reads an absl flag when it starts workers (once jax's profiler is loaded), which raises
+    UnparsedFlagAccessError under argparse CLIs and pytest; there the flag defaults are what is
+    meant. Programs that parse absl flags are left alone.
+    """
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -318,7 +320,8 @@ def make_eval_loader(*, name: str, split: str, data_dir: str | None = None, imag
         logging.info("%s:%s has %d examples; evaluating on all of them, not %d", name, split,
                      len(ids), num_examples)
     num_batches = math.ceil(math.ceil(len(ids) / process_count) / local_batch_size)
-    local = ids[len(ids) * process_index // process_count:len(ids) * (process_index + 1) // process_count]
+    start, stop = (len(ids) * i // process_count for i in (process_index, process_index + 1))
+    local = ids[start:stop]
     padded = np.full(num_batches * local_batch_size, -1, np.int64)
     padded[:len(local)] = local
     loader = _data_loader(_PaddedSubset(source, padded),

@@ -125,7 +125,7 @@ def _resolve(data_dir: str | None) -> str:
 
 
 def _tfds_builder(name: str, data_dir: str, **kwargs):
-    """The tfds builder of a registered (or on-disk) dataset; `sample_photos` is registered here."""
+    """The tfds builder of `name` (`sample_photos` is this package's own builder class)."""
     if name == SAMPLE_PHOTOS:
         return sample_photos.SamplePhotos(data_dir=data_dir, **kwargs)
     try:
@@ -147,8 +147,11 @@ def _check_random_access(builder) -> None:
 
 @contextlib.contextmanager
 def _prepare_lock(data_dir: str) -> Iterator[None]:
-    """Serialises preparation between processes sharing `data_dir` (e.g. several local hosts that
-    all prepare the same dataset on demand): the first prepares, the others then reuse it."""
+    """Serialises preparation between processes sharing `data_dir`.
+
+    Several processes of one run may prepare the same dataset on demand: the first prepares it,
+    the others wait and then reuse it.
+    """
     os.makedirs(data_dir, exist_ok=True)
     with open(os.path.join(data_dir, ".smsanet_prepare.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -170,9 +173,9 @@ def _prepared_builder(name: str, data_dir: str):
         builder = _tfds_builder(name, data_dir)
         if not builder.is_prepared():
             if name != SAMPLE_PHOTOS:
-                raise ValueError(
-                    f"{name} is not prepared in {data_dir}; run: smsanet-jax prepare-data {name} "
-                    f"--data-dir {data_dir}" + (" --manual-dir DIR" if name.startswith("imagenet") else ""))
+                manual = " --manual-dir DIR" if name.startswith("imagenet") else ""
+                raise ValueError(f"{name} is not prepared in {data_dir}; run: smsanet-jax prepare-data "
+                                 f"{name} --data-dir {data_dir}{manual}")
             logging.info("%s is not prepared yet: preparing it now", name)
             prepare(name, data_dir=data_dir)
             builder = _tfds_builder(name, data_dir)

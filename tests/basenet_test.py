@@ -67,42 +67,57 @@ def run(variables, l, ab_hint, mask, width, train):
     return model.apply(variables, l, ab_hint, mask), None
 
 
+def torch_colorize(model, l, ab_hint, mask):
+    """(raw ab NHWC, BN prefix -> N*H*W of its input) for NHWC numpy inputs; hints may be None."""
+    samples_seen = {}
+    hooks = [m.register_forward_hook(
+                     lambda mod, args, out, name=name: samples_seen.__setitem__(name, args[0][:, 0].numel()))
+             for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        ab = model(nchw(l), *(None if x is None else nchw(x) for x in (ab_hint, mask))).numpy()
+    for hook in hooks:
+        hook.remove()
+    return ab.transpose(0, 2, 3, 1), samples_seen
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["inference", "train"])
 @pytest.mark.parametrize("hints", [False, True], ids=["no_hints", "hints"])
 def test_matches_torch_reference(reference, inputs, train, hints):
     l, ab_hint, mask = inputs
     if not hints:
         ab_hint = mask = None
-    torch_model = copy.deepcopy(reference).train(train)  # Train mode updates the running stats.
-    sd_before = state_dict_numpy(torch_model)
-    samples_seen = {}  # BN prefix -> N*H*W of its input, for torch's unbiased running variance.
-    for name, m in torch_model.named_modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.register_forward_hook(
-                    lambda mod, args, out, name=name: samples_seen.__setitem__(name, args[0].numel() // args[0].shape[1]))
-    with torch.no_grad():
-        want = torch_model(nchw(l), *(None if x is None else nchw(x) for x in (ab_hint, mask))).numpy()
-    variables = convert.siggraph17_from_torch(sd_before, width=WIDTH)
+    torch_model = copy.deepcopy(reference).train(train)  # A copy: train mode updates the running stats.
+    if train:
+        # Train mode normalises with batch statistics, so the old running var only enters the update. At 0
+        # the update is 0.1 x the batch variance: torch's unbiased n/(n-1) then shows even at n = 8192.
+        for m in torch_model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.zero_()
+    variables = convert.siggraph17_from_torch(state_dict_numpy(torch_model), width=WIDTH)
+    want, samples_seen = torch_colorize(torch_model, l, ab_hint, mask)
     ab, batch_stats = run(variables, l, ab_hint, mask, width=WIDTH, train=train)
-    error = float(np.abs(np.asarray(ab) - want.transpose(0, 2, 3, 1)).max())
+    error = float(np.abs(np.asarray(ab) - want).max())
     print(f"max |ours - torch| ({'train' if train else 'inference'}, hints={hints}): {error:.2e} raw ab")
     assert ab.dtype == jnp.float32
     assert error < PARITY_TOLERANCE
     assert np.std(want) > 1  # A meaningful comparison: outputs are not collapsed.
     if train:
-        check_running_stats(sd_before, state_dict_numpy(torch_model), samples_seen,
-                            convert.siggraph17_to_torch({"params": variables["params"], "batch_stats": batch_stats}))
+        ours = convert.siggraph17_to_torch({"params": variables["params"], "batch_stats": batch_stats})
+        check_running_stats(ours, state_dict_numpy(torch_model), samples_seen)
 
 
-def check_running_stats(before, torch_after, samples_seen, ours_after):
-    """Same running mean as torch; running var equal once corrected for torch's unbiased batch variance."""
+def check_running_stats(ours, torch_after, samples_seen):
+    """Same running means as torch; running vars equal once ours are scaled to torch's unbiased variance.
+
+    Variances are compared relative to the layer's largest one, as some channels are (nearly) dead; the
+    tolerance, 1e-5, is well below the 1/(n-1) >= 1.2e-4 that an uncorrected variance would be off by.
+    """
     for name, n in samples_seen.items():
-        np.testing.assert_allclose(ours_after[f"{name}.running_mean"], torch_after[f"{name}.running_mean"],
-                                   rtol=1e-4, atol=1e-5, err_msg=name)
-        old = before[f"{name}.running_var"]
-        ours = ours_after[f"{name}.running_var"]
-        unbiased = 0.9 * old + (ours - 0.9 * old) * n / (n - 1)
-        np.testing.assert_allclose(unbiased, torch_after[f"{name}.running_var"], rtol=1e-4, err_msg=name)
+        np.testing.assert_allclose(ours[f"{name}.running_mean"], torch_after[f"{name}.running_mean"],
+                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        want = torch_after[f"{name}.running_var"]
+        np.testing.assert_allclose(ours[f"{name}.running_var"] * n / (n - 1), want,
+                                   rtol=1e-5, atol=1e-5 * want.max(), err_msg=name)
 
 
 def random_variables(width, seed=0):

@@ -23,11 +23,11 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     package_root = str(config_path.parent.parent)
     if package_root not in sys.path:
         sys.path.insert(0, package_root)
-    flag_values = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=str(config_path), flag_values=flag_values,
-                                    lock_config=True)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         raise ValueError(f"overrides must look like --config.key=value, got {bad}")
-    flag_values(["smsanet-jax", f"--config={config_path}", *overrides])
+    argv = ["smsanet-jax", f"--config={config_path}", *overrides]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flag_values(argv)
     return flag_values.config

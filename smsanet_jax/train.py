@@ -92,8 +92,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
     """A fresh state, born replicated on the mesh; BaseNet weights from `config.init.basenet`."""
     init = functools.partial(_init_state, model=model, tx=make_optimizer(config),
                              image_size=config.image_size)
-    shardings = jax.tree.map(lambda s: s.sharding, abstract_train_state(config, model, mesh))
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(config.seed))
+    state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
     if config.init.basenet:
         loaded, _ = checkpointing.load_variables(config.init.basenet, kind="siggraph17")
         params = _overlay(state.params, loaded["params"], config.init.basenet)
@@ -162,12 +161,12 @@ def train_step(state: TrainState, batch: Mapping[str, jax.Array], pfanet_variabl
     return state, {**terms, "grad_norm": optax.global_norm(grads)}
 
 
-def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, state_shardings: Any,
-                   pfanet_shardings: Any):
-    """`train_step` compiled once: explicit shardings, the state donated."""
+def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+    """`train_step` compiled once: batch sharded over `data`, state and PFANet replicated, state donated."""
     step = functools.partial(train_step, settings=LossSettings.from_config(config))
-    return jax.jit(step, in_shardings=(state_shardings, parallel.batch_sharded(mesh), pfanet_shardings),
-                   out_shardings=(state_shardings, parallel.replicated(mesh)), donate_argnums=0)
+    replicated = parallel.replicated(mesh)
+    return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+                   out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def predict_rgb(apply_fn, variables: Any, rgb_uint8: jax.Array) -> jax.Array:
@@ -299,10 +298,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     mesh = parallel.make_mesh(config.num_devices)
     model = build_model(config)
     abstract = abstract_train_state(config, model, mesh)
-    state_shardings = jax.tree.map(lambda s: s.sharding, abstract)
     pfanet_variables = load_pfanet(config, mesh)
-    step_fn = jit_train_step(config, mesh, state_shardings,
-                             jax.tree.map(lambda _: parallel.replicated(mesh), pfanet_variables))
+    step_fn = jit_train_step(config, mesh)
     eval_fn = jax.jit(functools.partial(eval_step, model.apply))
 
     loader = data.make_train_loader(

@@ -1,6 +1,5 @@
 """The train step: sharding invariance, one trace, bfloat16, frozen PFANet, full-size lowering."""
 
-import functools
 import glob
 import os
 
@@ -34,12 +33,9 @@ def random_batch(config, seed=0):
 def run_steps(config, num_devices, num_steps=3):
     mesh = parallel.make_mesh(num_devices)
     model = train.build_model(config)
-    abstract = train.abstract_train_state(config, model, mesh)
-    shardings = jax.tree.map(lambda s: s.sharding, abstract)
     state = train.create_train_state(config, model, mesh)
     pfanet = train.load_pfanet(config, mesh)
-    step_fn = train.jit_train_step(config, mesh, shardings,
-                                   jax.tree.map(lambda _: parallel.replicated(mesh), pfanet))
+    step_fn = train.jit_train_step(config, mesh)
     losses = []
     for i in range(num_steps):
         batch = parallel.make_global(random_batch(config, i), mesh)
@@ -66,14 +62,12 @@ def test_paper_configs_lower_at_full_size(name):
     mesh = parallel.make_mesh(0)
     model = train.build_model(config)
     abstract = train.abstract_train_state(config, model, mesh)
-    shardings = jax.tree.map(lambda s: s.sharding, abstract)
     pfanet_abstract = None
     if config.loss.alpha:
         size = config.loss.pfanet_size
         module = train.pfanet_lib.PFANet(variant=config.loss.pfanet_variant)
         pfanet_abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    pfanet_shardings = jax.tree.map(lambda _: parallel.replicated(mesh), pfanet_abstract)
-    step_fn = train.jit_train_step(config, mesh, shardings, pfanet_shardings)
+    step_fn = train.jit_train_step(config, mesh)
     batch = {"rgb": jax.ShapeDtypeStruct((config.global_batch_size, 256, 256, 3), jnp.uint8,
                                          sharding=parallel.batch_sharded(mesh))}
     lowered = step_fn.lower(abstract, batch, pfanet_abstract)
@@ -84,12 +78,19 @@ def test_paper_configs_lower_at_full_size(name):
 
 
 def test_one_device_equals_eight_devices():
-    config = tiny_config()
+    lr = 1e-5  # The paper's rate.
+    config = tiny_config(f"--config.optimizer.learning_rate={lr}")
     state1, losses1, _ = run_steps(config, num_devices=1)
     state8, losses8, _ = run_steps(config, num_devices=8)
-    chex.assert_trees_all_close(losses1, losses8, rtol=1e-5, atol=1e-7)
+    loss_terms = lambda ls: [{k: v for k, v in l.items() if k != "grad_norm"} for l in ls]
+    chex.assert_trees_all_close(loss_terms(losses1), loss_terms(losses8), rtol=1e-5, atol=1e-7)
+    # Step 1 starts from identical params: its gradient (norm) checks the sharded backward pass.
+    # The norm sums ~10^5 squares in an order that depends on the device count.
+    np.testing.assert_allclose(losses1[0]["grad_norm"], losses8[0]["grad_norm"], rtol=1e-4)
+    # Adam moves a parameter by up to ~lr per step however small its gradient, so rounding-level
+    # differences in near-zero gradients may differ by 2*lr per step: that bounds the params.
     chex.assert_trees_all_close(jax.device_get(state1.params), jax.device_get(state8.params),
-                                rtol=1e-5, atol=1e-6)
+                                rtol=1e-5, atol=3 * 2 * lr)
     chex.assert_trees_all_close(jax.device_get(state1.batch_stats), jax.device_get(state8.batch_stats),
                                 rtol=1e-5, atol=1e-6)
     assert losses1[-1]["total"] < losses1[0]["total"]
@@ -99,12 +100,16 @@ def test_train_step_traces_once():
     config = tiny_config()
     mesh = parallel.make_mesh(2)
     model = train.build_model(config)
-    shardings = jax.tree.map(lambda s: s.sharding, train.abstract_train_state(config, model, mesh))
     state = train.create_train_state(config, model, mesh)
-    counted = chex.assert_max_traces(n=1)(
-        functools.partial(train.train_step, settings=train.LossSettings.from_config(config)))
-    step_fn = jax.jit(counted, in_shardings=(shardings, parallel.batch_sharded(mesh), None),
-                      out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    settings = train.LossSettings.from_config(config)
+
+    @chex.assert_max_traces(n=1)
+    def counted(state, batch, pfanet):
+        return train.train_step(state, batch, pfanet, settings=settings)
+
+    replicated = parallel.replicated(mesh)
+    step_fn = jax.jit(counted, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+                      out_shardings=(replicated, replicated), donate_argnums=0)
     for i in range(3):
         state, _ = step_fn(state, parallel.make_global(random_batch(config, i), mesh), None)
 

@@ -105,14 +105,17 @@ def test_every_epoch_is_a_new_permutation(photos_dir):
 
 
 @pytest.mark.parametrize("count", [2, 4])
-def test_train_shards_are_disjoint_and_equal(photos_dir, count):
-    per_shard = len(sample_photos.TRAIN_FILES) // count
-    shards = []
-    for i in range(count):
-        loader = _train(photos_dir, local_batch_size=per_shard, process_index=i, process_count=count)
-        shards.append(set(_take(loader, 1)[0]["id"].tolist()))
-    assert all(len(s) == per_shard for s in shards)
-    assert len(set.union(*shards)) == per_shard * count
+def test_train_global_batches_do_not_depend_on_the_process_count(photos_dir, count):
+    """Process shards are disjoint parts of one global stream: stacked, they equal one process's."""
+    global_batch = 4
+    single = _take(_train(photos_dir, local_batch_size=global_batch), 5)
+    shards = [_take(_train(photos_dir, local_batch_size=global_batch // count, process_index=i,
+                           process_count=count), 5) for i in range(count)]
+    for step, expected in enumerate(single):
+        stacked = {k: np.concatenate([shard[step][k] for shard in shards]) for k in expected}
+        _assert_same_batches([stacked], [expected])
+    parts = [set(shard[0]["id"].tolist()) for shard in shards]  # Within the first epoch: disjoint.
+    assert sum(map(len, parts)) == len(set.union(*parts)) == global_batch
 
 
 def test_resume_with_orbax_yields_the_next_batches(photos_dir, tmp_path):

@@ -39,18 +39,24 @@ class _SkipLog:
                             " (further skips are counted, not named)" if last else "")
 
 
-class _TrainExample(grain.transforms.RandomMap):
-    """Record -> {"rgb", "id"}: decode, short-side resize, random crop and flip; or a skip marker."""
+class _TrainExample(grain.transforms.Map):
+    """Record -> {"rgb", "id"}: decode, short-side resize, random crop and flip; or a skip marker.
 
-    def __init__(self, image_size: int, gray_threshold: float):
+    The crop and flip are drawn from the seed and the record's position in the *global* stream,
+    so they do not depend on the number of processes or workers.
+    """
+
+    def __init__(self, image_size: int, gray_threshold: float, seed: int):
         self._size = image_size
         self._gray_threshold = gray_threshold
+        self._seed = seed
 
-    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+    def map(self, record: dict) -> dict:
         try:
             image = decode.decode_rgb(record["image"], target_size=self._size)
         except decode.UnreadableImageError as e:
             return {"skip": _UNREADABLE, "reason": f"unreadable ({e})", "name": record["name"]}
+        rng = np.random.default_rng([self._seed, record["position"]])
         rgb = transforms.random_crop(image, self._size, rng)
         if self._gray_threshold > 0:
             spread = transforms.ab_spread(rgb)
@@ -58,6 +64,48 @@ class _TrainExample(grain.transforms.RandomMap):
                 return {"skip": _GRAY, "reason": f"near-grayscale crop (ab spread {spread:.2f})",
                         "name": record["name"]}
         return {"rgb": rgb, "id": record["id"]}
+
+
+class _GlobalStream:
+    """This process's part of one global, endless, shuffled stream (a grain data source).
+
+    The global stream is the split reshuffled every epoch from the seed. It is cut into chunks of
+    `local_batch_size` and chunk c goes to process c % process_count, so global batch b is made of
+    the same examples (with the same crops) whatever the number of processes: a run can move
+    between 1 and N hosts and see the same data. Skipped examples shift only the stream of the
+    process that skipped them.
+    """
+
+    # Positions are never exhausted in practice; grain only needs a finite length.
+    _LENGTH = 2**62
+
+    def __init__(self, source: sources.ImageSource, seed: int, local_batch_size: int,
+                 process_index: int, process_count: int):
+        self._source = source
+        self._seed = seed
+        self._chunk = local_batch_size
+        self._process_index = process_index
+        self._process_count = process_count
+        self._epoch, self._order = -1, None
+
+    def __len__(self) -> int:
+        return self._LENGTH
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:  # Each worker keeps the current epoch's order.
+            self._order = np.random.default_rng([self._seed, epoch]).permutation(len(self._source))
+            self._epoch = epoch
+        return self._order
+
+    def __getitem__(self, index: int) -> dict:
+        chunk, offset = divmod(int(index), self._chunk)
+        position = (chunk * self._process_count + self._process_index) * self._chunk + offset
+        epoch, i = divmod(position, len(self._source))
+        return {**self._source[int(self._permutation(epoch)[i])], "position": position}
+
+    def __repr__(self) -> str:
+        return (f"GlobalStream({self._source!r}, process {self._process_index} of "
+                f"{self._process_count}, chunks of {self._chunk})")
 
 
 class _DropSkipped(grain.transforms.Filter):
@@ -229,15 +277,16 @@ def make_train_loader(*, name: str, split: str = "train", data_dir: str | None =
                       local_batch_size: int, seed: int, num_workers: int = 0,
                       gray_threshold: float = DEFAULT_GRAY_THRESHOLD, process_index: int | None = None,
                       process_count: int | None = None) -> Loader:
-    """Infinite training batches of this process's shard, reshuffled every epoch.
+    """Infinite training batches: this process's part of one global stream, reshuffled every epoch.
 
-    Each process reads its own contiguous 1/process_count of the split (the remainder is dropped
-    so that all shards are equal) in an order shuffled from `seed` and the epoch. Each example is
-    decoded (reduced-size JPEG decoding when it is at least twice `image_size`), resized so that
-    its short side is `image_size`, randomly cropped to a square and randomly flipped; randomness
-    comes from `seed` and the example's position in the stream, so an example's crop does not
-    depend on `num_workers`, but its batch does (each grain worker batches its own share of the
-    stream), and a checkpointed iterator resumes only with the same `num_workers`. Unreadable
+    The split is shuffled from `seed` and the epoch; the stream is dealt out to the processes in
+    chunks of `local_batch_size` (see `_GlobalStream`), so with `num_workers=0` the global batches
+    are the same whatever the number of processes. Each example is decoded (reduced-size JPEG
+    decoding when it is at least twice `image_size`), resized so that its short side is
+    `image_size`, randomly cropped to a square and randomly flipped, with randomness from `seed`
+    and the example's global position. With worker processes each grain worker batches its own
+    share of the stream, so an example's batch (not its crop) depends on `num_workers`, and a
+    checkpointed iterator resumes only with the same `num_workers` and process count. Unreadable
     examples and near-grayscale crops are skipped (counted and logged).
 
     Args:
@@ -257,17 +306,14 @@ def make_train_loader(*, name: str, split: str = "train", data_dir: str | None =
       "id": int64 [local_batch_size]}` forever.
 
     Raises:
-      ValueError: the split has fewer examples than processes, or a bad name, split or argument.
+      ValueError: a bad name, split or argument.
     """
     process_index, process_count = _process(process_index, process_count)
     source = sources.open_source(name, split, data_dir=data_dir)
-    if len(source) < process_count:
-        raise ValueError(f"{source!r} has fewer examples than the {process_count} processes")
-    shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-    sampler = grain.samplers.IndexSampler(len(source), shard_options=shard, shuffle=True,
-                                          num_epochs=None, seed=seed)
-    loader = _data_loader(source, sampler, shard, num_workers, local_batch_size,
-                          [_TrainExample(image_size, gray_threshold), _DropSkipped(),
+    stream = _GlobalStream(source, seed, local_batch_size, process_index, process_count)
+    sampler = grain.samplers.IndexSampler(len(stream), shuffle=False, num_epochs=1)
+    loader = _data_loader(stream, sampler, grain.sharding.NoSharding(), num_workers, local_batch_size,
+                          [_TrainExample(image_size, gray_threshold, seed), _DropSkipped(),
                            grain.transforms.Batch(local_batch_size, drop_remainder=True)])
     return Loader(loader, source, f"{name}:{split} training loader")
 

@@ -10,7 +10,7 @@ from configs import smsanet
 
 def get_config():
     c = smsanet.get_config()
-    c.num_train_steps = 300
+    c.num_train_steps = 500
     c.global_batch_size = 8
     c.image_size = 64
     c.optimizer.learning_rate = 1e-3  # From scratch and short: the paper's 1e-5 fine-tunes.

@@ -30,30 +30,26 @@ def _diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
 
 
 class Checkpointer:
-    """Saves every `every_steps` (and on demand), keeps the newest `keep`, asynchronously."""
+    """Keeps the newest `keep` checkpoints, saved asynchronously at the steps the caller picks."""
 
-    def __init__(self, workdir: str, every_steps: int = 1, keep: int = 1, read_only: bool = False):
+    def __init__(self, workdir: str, keep: int = 1, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(
-                save_interval_steps=every_steps, max_to_keep=keep, create=not read_only,
+                max_to_keep=keep, create=not read_only,
                 read_only=read_only, enable_async_checkpointing=True),
             item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def should_save(self, step: int) -> bool:
-        return self.manager.should_save(step)
-
-    def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any],
-             force: bool = False) -> bool:
-        """Starts an asynchronous save; returns whether one was started."""
+    def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any]) -> bool:
+        """Starts an asynchronous save of `step` (unless it exists); returns whether one was started."""
         saved = self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.PyGrainCheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(dict(meta))), force=force)
+            meta=ocp.args.JsonSave(dict(meta))), force=True)
         if saved:
             logging.info("saving checkpoint at step %d", step)
         return saved

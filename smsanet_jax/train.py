@@ -269,7 +269,8 @@ def _evaluate(config, variables, mesh, eval_fn, max_batches: int | None = None
         for k, v in jax.device_get({**totals, "count": jnp.sum(mask)}).items():
             sums[k] = sums.get(k, 0.0) + float(v)
         if grid is None:
-            grid = comparison_grid(batch["rgb"][:4], local_rows(out["pred_rgb"])[:4])
+            real = np.flatnonzero(batch["mask"])[:4]
+            grid = comparison_grid(batch["rgb"][real], local_rows(out["pred_rgb"])[real])
     count = max(sums.pop("count"), 1.0)
     return {f"eval/{k}": v / count for k, v in sums.items()}, grid
 
@@ -309,7 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         seed=config.seed, num_workers=config.data.num_workers,
         gray_threshold=config.data.gray_threshold)
     batches = iter(loader)
-    checkpointer = checkpointing.Checkpointer(workdir, config.checkpoint_every_steps, config.keep_checkpoints)
+    checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
     meta = {"model": checkpointing.jsonable(config.model.to_dict())}
     start = checkpointer.latest_step() or 0
     if start:
@@ -332,7 +333,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                           pfanet_variables)
             last = step == config.num_train_steps
             stopping = preemption.requested(step)
-            saving = last or stopping or checkpointer.should_save(step)
+            saving = last or stopping or step % config.checkpoint_every_steps == 0
             if saving or step % config.log_every_steps == 0:
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 _check_finite(step, host, checkpointer)
@@ -347,7 +348,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 _report_eval(config, state, mesh, eval_fn, writer, workdir, step,
                              max_batches=None if full_eval else 1)
             if saving:
-                checkpointer.save(step, state, batches, meta, force=True)
+                checkpointer.save(step, state, batches, meta)
             if stopping:
                 logging.warning("stopped for preemption after step %d; rerun the same command to resume", step)
                 break

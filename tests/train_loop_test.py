@@ -62,6 +62,18 @@ def test_train_writes_artefacts_and_continues(data_dir, tmp_path):
     assert int(state.step) == 6
 
 
+def test_resume_from_a_mid_run_checkpoint(data_dir, tmp_path):
+    """A crash after step 3 resumes from the step-2 checkpoint, which the run kept iterating past."""
+    import shutil  # pylint: disable=import-outside-toplevel
+
+    workdir = str(tmp_path / "run")
+    state = train.train_and_evaluate(config_for(data_dir), workdir)  # Checkpoints at 2 and 4.
+    straight = jax.device_get(state.params)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+    resumed = train.train_and_evaluate(config_for(data_dir), workdir)
+    chex.assert_trees_all_equal(straight, jax.device_get(resumed.params))
+
+
 def test_model_shape_change_is_a_clear_error(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=2"), workdir)

@@ -66,8 +66,11 @@ def conv2d(
     """
     padding = tuple(tuple(p) for p in padding)
     dilation = tuple(dilation)
-    if resolve_impl(impl) == "cpu" and _fits_shifted_vjp(kernel.shape, padding, dilation):
-        return _conv_shifted_vjp(x, kernel, padding, dilation)
+    if resolve_impl(impl) == "cpu":
+        if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+            return _conv1x1(x, kernel)
+        if _fits_shifted_vjp(kernel.shape, padding, dilation):
+            return _conv_shifted_vjp(x, kernel, padding, dilation)
     return lax.conv_general_dilated(
             x, kernel, window_strides=(1, 1), padding=padding, rhs_dilation=dilation,
             dimension_numbers=_DIMENSION_NUMBERS)
@@ -101,11 +104,15 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto"
 # ---------------------------------------------------------------------------------------------
 # XLA:CPU formulations.
 
+# Weight gradients make kh * kw shifted copies of the input: beyond this many bytes per copy they
+# are made block by block, so that each block's copies are still in cache when its matmuls run.
+_TILE_BYTES = 1 << 20
+
 
 def _fits_shifted_vjp(kernel_shape: tuple[int, ...], padding: Padding, dilation: tuple[int, int]) -> bool:
     """Whether `_conv_shifted_vjp` serves this conv and beats XLA's own gradient on CPU."""
     kh, kw = kernel_shape[:2]
-    # The input gradient below is a correlation padded by (k - 1) * d - p, which must not be negative.
+    # The input gradient is a correlation padded by (k - 1) * d - p, which must not be negative.
     fits = all(0 <= lo and 0 <= hi and max(lo, hi) <= (k - 1) * d
                for (lo, hi), k, d in zip(padding, (kh, kw), dilation))
     return fits and (kh, kw) == (3, 3) and dilation in ((1, 1), (2, 2))
@@ -120,17 +127,61 @@ def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _conv_f32(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int]) -> jax.Array:
-    """Stride-1 correlation accumulated in at least float32, returned in the dtype of `x`."""
+def _conv_f32(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int] = (1, 1),
+              strides: tuple[int, int] = (1, 1)) -> jax.Array:
+    """Correlation accumulated in at least float32, returned in the dtype of `x`."""
     y = lax.conv_general_dilated(
-            x, kernel, window_strides=(1, 1), padding=padding, rhs_dilation=dilation,
+            x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
             dimension_numbers=_DIMENSION_NUMBERS, preferred_element_type=_accumulation_dtype(x.dtype))
     return y.astype(x.dtype)
 
 
+def _conv1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """A 1x1 convolution as the [NHW, I] x [I, O] matmul it is.
+
+    XLA:CPU lowers a 1x1 convolution to a generic convolution loop, several times (10x for few
+    output channels) slower than its matmul; autodiff of the matmul gives matmul gradients.
+    """
+    y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0], preferred_element_type=_accumulation_dtype(x.dtype))
+    return y.astype(x.dtype).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
+def _weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], padding: Padding,
+                 dilation: tuple[int, int]) -> jax.Array:
+    """Gradient of a stride-1 correlation w.r.t. its [kh, kw, I, O] kernel, in the accumulation dtype.
+
+    Tap (ky, kx) is x shifted by that tap's offset, contracted with dy over (N, H, W): an
+    [I, NHW] x [NHW, O] matmul, which XLA:CPU runs near its matmul rate, where its own lowering of
+    this gradient (a convolution with an HxW window) is several times slower. The shifted copies
+    are memory-bound, so large images are done in blocks of rows (a loop), each block's copies
+    being read back from cache by its matmuls.
+    """
+    (kh, kw), (dh, dw) = kernel_size, dilation
+    n, out_h, out_w, cout = dy.shape
+    cin = x.shape[-1]
+    row_bytes = n * (out_w + (kw - 1) * dw) * max(cin, cout) * x.dtype.itemsize
+    rows = max(1, min(out_h, _TILE_BYTES // row_bytes))
+    blocks = -(-out_h // rows)
+    extra = blocks * rows - out_h  # Zero rows of dy that fill the last block; they add nothing.
+    x = jnp.pad(x, ((0, 0), (padding[0][0], padding[0][1] + extra), padding[1], (0, 0)))
+    dy = jnp.pad(dy, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    accumulation = _accumulation_dtype(x.dtype)
+
+    def add_block(i, total):
+        x_block = lax.dynamic_slice_in_dim(x, i * rows, rows + (kh - 1) * dh, axis=1)
+        dy_block = lax.dynamic_slice_in_dim(dy, i * rows, rows, axis=1)
+        taps = [jnp.einsum("nhwi,nhwo->io", x_block[:, ky * dh:ky * dh + rows, kx * dw:kx * dw + out_w],
+                           dy_block, preferred_element_type=accumulation)
+                for ky in range(kh) for kx in range(kw)]
+        return total + jnp.stack(taps).reshape(kh, kw, cin, cout)
+
+    zero = jnp.zeros((kh, kw, cin, cout), accumulation)
+    return add_block(0, zero) if blocks == 1 else lax.fori_loop(0, blocks, add_block, zero)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv_shifted_vjp(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int]) -> jax.Array:
-    """Stride-1 correlation whose weight gradient is one matmul per kernel tap."""
+    """Stride-1 correlation whose weight gradient is `_weight_grad`."""
     return _conv_f32(x, kernel, padding, dilation)
 
 
@@ -140,47 +191,69 @@ def _conv_shifted_vjp_fwd(x, kernel, padding, dilation):
 
 def _conv_shifted_vjp_bwd(padding, dilation, residuals, dy):
     x, kernel = residuals
-    kh, kw = kernel.shape[:2]
-    # Input gradient: the correlation of dy with the flipped, in/out-swapped kernel, padded so that
-    # every input pixel sees every tap that touched it. This is a forward convolution, which
-    # XLA:CPU runs at close to the matmul rate.
+    kernel_size = kernel.shape[:2]
+    # Input gradient: dy correlated with the flipped, in/out-swapped kernel, padded so that every
+    # input pixel meets every tap that touched it. It is a forward convolution, which XLA:CPU
+    # runs about as fast as XLA's own input gradient.
     back_padding = tuple(((k - 1) * d - lo, (k - 1) * d - hi)
-                         for (lo, hi), k, d in zip(padding, (kh, kw), dilation))
+                         for (lo, hi), k, d in zip(padding, kernel_size, dilation))
     dx = _conv_f32(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), back_padding, dilation)
-    # Weight gradient: tap (ky, kx) is x shifted by that tap's offset, contracted with dy over
-    # (N, H, W), i.e. a [I, NHW] x [NHW, O] matmul; kh * kw of those replace XLA's lowering
-    # (a convolution with an HxW window), which runs far below the matmul rate.
-    x_padded = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_h, out_w = dy.shape[1:3]
-    taps = [
-            jnp.einsum(
-                    "nhwi,nhwo->io",
-                    x_padded[:, ky * dilation[0]:ky * dilation[0] + out_h, kx * dilation[1]:kx * dilation[1] + out_w],
-                    dy, preferred_element_type=_accumulation_dtype(x.dtype))
-            for ky in range(kh) for kx in range(kw)]
-    dkernel = jnp.stack(taps).reshape(kernel.shape).astype(kernel.dtype)
+    dkernel = _weight_grad(x, dy, kernel_size, padding, dilation).astype(kernel.dtype)
     return dx, dkernel
 
 
 _conv_shifted_vjp.defvjp(_conv_shifted_vjp_fwd, _conv_shifted_vjp_bwd)
 
 
-def _conv_transpose_by_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The 4x4 stride-2 transposed convolution as one 2x2 convolution and a depth-to-space.
+# The 4x4 stride-2 transposed convolution by output phases. Output pixel (2m + a, 2n + b) only
+# meets taps ky = 3 - a - 2t, kx = 3 - b - 2s of inputs (m - 1 + a + t, n - 1 + b + s), t, s in
+# {0, 1}: each of the four phases (a, b) is a 2x2 correlation of the input padded by 1. With the
+# four phase kernels side by side along the output channels this is one dense 2x2 convolution
+# (none of the multiplications by zero that the input-dilated formulation makes), evaluated on an
+# (H+1) x (W+1) grid from which phase (a, b) takes the H x W window starting at (a, b).
+_PHASE_PADDING = ((1, 1), (1, 1))
 
-    Output pixel (2m + a, 2n + b) only sees taps ky = 3 - a - 2t, kx = 3 - b - 2s of the inputs
-    (m - 1 + a + t, n - 1 + b + s), t, s in {0, 1}: each of the four output phases (a, b) is a 2x2
-    correlation of the input padded by 1. Stacking the four phase kernels along the output
-    channels makes this a single dense 2x2 convolution (no multiplications by the zeros that the
-    dilated formulation inserts), evaluated on an (H+1) x (W+1) grid from which phase (a, b)
-    takes the window starting at (a, b). Its gradients go through `_conv_shifted_vjp`.
-    """
-    n, h, w, cin = x.shape
-    cout = kernel.shape[-1]
-    # flip(kernel)[2t + a] = kernel[3 - a - 2t]: phase kernels are strided views of the flipped one.
-    phase_kernel = (jnp.flip(kernel, (0, 1)).reshape(2, 2, 2, 2, cin, cout)  # [t, a, s, b, I, O]
-                    .transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout))
-    z = _conv_shifted_vjp(x, phase_kernel, ((1, 1), (1, 1)), (1, 1)).reshape(n, h + 1, w + 1, 2, 2, cout)
+
+def _phase_kernel(kernel: jax.Array) -> jax.Array:
+    """[4, 4, I, O] -> [2, 2, I, 4 * O] (t, s, I, (a, b, O)), a permutation of the kernel."""
+    cin, cout = kernel.shape[2:]
+    # flip(kernel)[2t + a] = kernel[3 - a - 2t].
+    return (jnp.flip(kernel, (0, 1)).reshape(2, 2, 2, 2, cin, cout)  # [t, a, s, b, I, O]
+            .transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout))
+
+
+def _interleave_phases(z: jax.Array) -> jax.Array:
+    """[N, H+1, W+1, 4 * O] phase grid -> [N, 2H, 2W, O] output (a depth-to-space with offsets)."""
+    n, h, w = z.shape[0], z.shape[1] - 1, z.shape[2] - 1
+    z = z.reshape(n, h + 1, w + 1, 2, 2, -1)
     phases = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3)
                         for a in range(2)], axis=2)  # [N, H, a, W, b, O]
-    return phases.reshape(n, 2 * h, 2 * w, cout)
+    return phases.reshape(n, 2 * h, 2 * w, -1)
+
+
+@jax.custom_vjp
+def _conv_transpose_by_phases(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_transpose_4x4_s2` as a 2x2 convolution over phases and an interleave."""
+    return _interleave_phases(_conv_f32(x, _phase_kernel(kernel), _PHASE_PADDING))
+
+
+def _conv_transpose_by_phases_fwd(x, kernel):
+    return _conv_transpose_by_phases(x, kernel), (x, kernel)
+
+
+def _conv_transpose_by_phases_bwd(residuals, dy):
+    x, kernel = residuals
+    n, h, w, _ = x.shape
+    # Input gradient: the 4x4 stride-2 correlation of dy with the kernel (in/out swapped), a plain
+    # strided forward convolution for XLA:CPU.
+    dx = _conv_f32(dy, kernel.swapaxes(2, 3), _PHASE_PADDING, strides=(2, 2))
+    # Weight gradient: through the phase formulation, whose pieces are permutations (their
+    # transposes map the gradients back) around a 2x2 correlation (`_weight_grad`).
+    phase_grid = jax.ShapeDtypeStruct((n, h + 1, w + 1, 4 * kernel.shape[-1]), dy.dtype)
+    (dz,) = jax.linear_transpose(_interleave_phases, phase_grid)(dy)
+    dphase_kernel = _weight_grad(x, dz, (2, 2), _PHASE_PADDING, (1, 1)).astype(kernel.dtype)
+    (dkernel,) = jax.linear_transpose(_phase_kernel, kernel)(dphase_kernel)
+    return dx, dkernel
+
+
+_conv_transpose_by_phases.defvjp(_conv_transpose_by_phases_fwd, _conv_transpose_by_phases_bwd)

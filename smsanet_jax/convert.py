@@ -9,6 +9,8 @@ torch and h5py are imported lazily so the core package works without them.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -421,3 +423,95 @@ def pfanet_from_keras_h5(path: str) -> Variables:
     if errors:
         raise ConversionError(f"{path} does not match PFANet (Keras layout):\n  " + "\n  ".join(errors))
     return variables
+
+
+# --- Files (the convert-weights command) -------------------------------------------------------
+
+KINDS = ("siggraph17", "pfanet-s", "pfanet-k")
+# Below this share of a network's tensors, a file is another network's, not a damaged copy.
+_RECOGNISED_SHARE = 0.5
+
+
+def _recognised(names: set[str], wanted: set[str]) -> bool:
+    return len(names & wanted) >= _RECOGNISED_SHARE * len(wanted)
+
+
+def _check_network(names: set[str], kind: str, path: str) -> None:
+    """One short error when a file holds another network's weights (not a list of every key)."""
+    tables = {"siggraph17": {k for e in SIGGRAPH17_TABLE for k in _torch_keys(e)},
+              "pfanet-s": {k for e in PFANET_TABLE for k in _torch_keys(e)},
+              "pfanet-k": set(PFANET_KERAS_NAMES)}
+    if _recognised(names, tables[kind]):
+        return
+    guess = next((other for other, wanted in tables.items() if other != kind and _recognised(names, wanted)), None)
+    found = len(names & tables[kind])
+    raise ConversionError(
+        f"{path} holds no {kind} weights: {found} of the {len(tables[kind])} "
+        f"{'layers' if kind == 'pfanet-k' else 'tensors'} it should have are in it"
+        + (f"; it looks like {guess} weights (convert-weights {guess} ...)" if guess
+           else f" (it has e.g. {', '.join(sorted(names)[:3])})"))
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        return load_torch(path)
+    except ConversionError as e:
+        with open(path, "rb") as f:
+            hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+        raise ConversionError(f"{e} (an HDF5 file: official Keras PFANet weights convert as pfanet-k)"
+                              if hdf5 else str(e)) from e
+
+
+def convert_file(kind: str, src: str, dst: str, overwrite: bool = False) -> dict[str, Any]:
+    """Converts a published checkpoint into a weights file (`checkpointing.save_variables`).
+
+    `siggraph17`: a SIGGRAPH17 generator `.pth` state dict (width read from the file); `pfanet-s`:
+    the PyTorch port's `.pth`; `pfanet-k`: the official Keras `.h5`. The output is what
+    `--config.init.basenet` / `--config.init.pfanet` (train), `--params` (evaluate, colorize,
+    saliency) read.
+
+    Args:
+      kind: one of `KINDS`.
+      src: the checkpoint.
+      dst: the weights file to write (atomically).
+      overwrite: replace an existing `dst`.
+
+    Returns:
+      The metadata stored with the weights (source name and sha256; width for siggraph17).
+
+    Raises:
+      ConversionError: an unreadable file, another network's weights, or mismatched keys/shapes.
+      ValueError: an unknown kind, or `dst` exists and `overwrite` is False.
+      FileNotFoundError: `src` does not exist.
+    """
+    from smsanet_jax import checkpointing  # pylint: disable=import-outside-toplevel
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
+    if not os.path.isfile(src):
+        raise FileNotFoundError(f"{src}: no such file")
+    if os.path.exists(dst) and not overwrite:
+        raise ValueError(f"{dst} already exists (use --overwrite to replace it)")
+    meta: dict[str, Any] = {"source": os.path.basename(src), "source_sha256": _sha256(src)}
+    if kind == "pfanet-k":
+        _check_network(set(_keras_h5_layers(src)), kind, src)
+        variables = pfanet_from_keras_h5(src)
+    else:
+        state_dict = _read_torch(src)
+        _check_network(set(state_dict), kind, src)
+        if kind == "siggraph17":
+            meta["width"] = int(np.shape(state_dict["model1.0.weight"])[0]) if "model1.0.weight" in state_dict else 64
+            variables = siggraph17_from_torch(state_dict, width=meta["width"], source=src)
+        else:
+            variables = pfanet_from_torch(state_dict, source=src)
+    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
+    checkpointing.save_variables(dst, variables, kind, **meta)
+    return meta

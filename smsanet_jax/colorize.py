@@ -40,10 +40,8 @@ FORMATS = {"png": "PNG", "jpg": "JPEG"}
 JPEG_QUALITY = 95
 DEFAULT_HINT_RADIUS = 1  # Hint squares are (2r+1)^2 pixels of the 256 grid (Zhang et al. train with 1-9 px patches).
 SALIENCY_SUFFIXES = ("_saliency", "_mask")
-# Out-of-gamut predictions lose chroma until sRGB reproduces L this closely (Lab units); uint8
-# rounding then adds at most ~0.25.
-_L_TOLERANCE = 0.05
-_CHROMA_STEPS = 10
+# Bisection steps of `fit_chroma`: out-of-gamut chroma is kept to within 2^-8 of the largest that fits.
+_CHROMA_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,12 +300,12 @@ def _network_ab(apply_fn, variables: Any, rgb_small: jax.Array, ab_hint: jax.Arr
 
 
 def fit_chroma(l: jax.Array, ab: jax.Array) -> jax.Array:
-    """Shrinks each pixel's ab toward gray just enough that converting to sRGB keeps its L.
+    """Shrinks each pixel's ab toward gray just enough that its colour fits in sRGB.
 
     Clipping an out-of-gamut colour in RGB (what lab2rgb does) changes its lightness, by up to
     ~10 L units for saturated dark or bright predictions; scaling the chroma instead keeps L and
-    hue. The scale is the largest in [0, 1] (bisection, 2^-`_CHROMA_STEPS` resolution) whose
-    clipped sRGB has L within `_L_TOLERANCE` of `l`; gray (scale 0) always qualifies.
+    hue. The scale is the largest in [0, 1] (bisection, 2^-`_CHROMA_STEPS` resolution) at which
+    no sRGB channel needs clipping; gray (scale 0) is always kept.
 
     Args:
       l: L in [0, 100], [..., 1].
@@ -316,19 +314,26 @@ def fit_chroma(l: jax.Array, ab: jax.Array) -> jax.Array:
     Returns:
       The scaled ab, [..., 2].
     """
-    def keeps_l(scale):
+    def fits(scale):
+        # lab_to_rgb clips to [0, 1]: a channel at a bound means the colour was (at least) on the edge.
         rgb = colorspace.lab_to_rgb(colorspace.lab_from_l_ab(l, ab * scale))
-        return jnp.abs(colorspace.rgb_to_lab(rgb)[..., :1] - l) <= _L_TOLERANCE
+        return jnp.all((rgb > 0.0) & (rgb < 1.0), axis=-1, keepdims=True)
 
     def bisect(_, bounds):
         lo, hi = bounds
         mid = 0.5 * (lo + hi)
-        good = keeps_l(mid)
+        good = fits(mid)
         return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
 
-    lo = jnp.where(keeps_l(1.0), 1.0, 0.0)
+    lo = jnp.where(fits(1.0), 1.0, 0.0)
     lo, _ = jax.lax.fori_loop(0, _CHROMA_STEPS, bisect, (lo, jnp.ones_like(lo)))
     return ab * lo
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_network(apply_fn):
+    """The jitted network of one model: colorizing again reuses the compilation."""
+    return jax.jit(functools.partial(_network_ab, apply_fn))
 
 
 @jax.jit
@@ -384,7 +389,7 @@ def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str
     # Every call runs a full (padded) batch: no bigger than the inputs need.
     batch_size = _round_up(min(batch_size, max(len(planned), 1)), mesh.size)
     variables = jax.device_put(colorizer.variables, parallel.replicated(mesh))
-    network = jax.jit(functools.partial(_network_ab, colorizer.apply_fn))
+    network = _compiled_network(colorizer.apply_fn)
 
     def load(item: Input) -> _Photo:
         rgb = _read_rgb(item.path)

@@ -209,6 +209,12 @@ class _Scores:
         return ids[mask][order], values, unreadable
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_eval_step(apply_fn):
+    """The jitted eval step of one model: evaluating it again reuses the compilation."""
+    return jax.jit(functools.partial(train.eval_step, apply_fn))
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -246,20 +252,30 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
         logging.info("batch size %d rounded up to %d (a multiple of the %d devices)", batch_size,
                      global_batch, mesh.size)
     variables = jax.device_put(colorizer.variables, parallel.replicated(mesh))
-    eval_fn = jax.jit(functools.partial(train.eval_step, colorizer.apply_fn))
+    eval_fn = _compiled_eval_step(colorizer.apply_fn)
 
     started = time.perf_counter()
     num_batches, batches = images.batches(parallel.local_batch_size(global_batch, mesh))
     progress = reporting.Progress(num_batches, global_batch, enabled=lead)
     scores = _Scores()
     every = max(1, num_batches // 50)
-    for k, batch in enumerate(batches):
-        out, host = _run(eval_fn, variables, batch, mesh)
-        scores.add(host)
+
+    def collect(k: int, batch: dict[str, np.ndarray], out: dict[str, jax.Array], placed: dict) -> None:
+        scores.add(_gather(out, placed))
         if save_images:
             _save_images(images, out_dir, batch, train.local_rows(out["pred_rgb"]))
         if (k + 1) % every == 0 or k + 1 == num_batches:
             progress.update(k + 1)
+
+    # Results are fetched one batch late, so the next batch is read while the devices compute.
+    pending = None
+    for k, batch in enumerate(batches):
+        current = (k, batch, *_dispatch(eval_fn, variables, batch, mesh))
+        if pending:
+            collect(*pending)
+        pending = current
+    if pending:
+        collect(*pending)
     ids, values, unreadable = scores.table()
     if not len(ids):
         raise ValueError(f"none of the {len(images.ids)} images could be read")
@@ -278,16 +294,18 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
     return summary
 
 
-def _run(eval_fn, variables, batch: dict[str, np.ndarray], mesh, keys: Sequence[str] = METRICS
-         ) -> tuple[dict[str, jax.Array], dict[str, np.ndarray]]:
-    """One sharded eval step; returns its output and every process's rows of `keys`, id and mask on the host."""
+def _dispatch(eval_fn, variables, batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Array], dict]:
+    """Starts one sharded eval step; returns (its output, the placed global batch), both on the devices."""
     local = {"rgb": batch["rgb"], "mask": batch["mask"], "id": np.asarray(batch["id"], np.int32)}
-    global_batch = parallel.make_global(local, mesh)
-    out = eval_fn(variables, global_batch)
+    placed = parallel.make_global(local, mesh)
+    return eval_fn(variables, placed), placed
+
+
+def _gather(out: dict[str, jax.Array], placed: dict, keys: Sequence[str] = METRICS) -> dict[str, np.ndarray]:
+    """Every process's rows of `keys`, with their ids and mask, on the host."""
     # The ids travel with the rows, so nothing assumes how processes' rows are ordered globally.
-    host = multihost_utils.process_allgather(
-        {**{k: out[k] for k in keys}, "id": global_batch["id"], "mask": global_batch["mask"]}, tiled=True)
-    return out, host
+    return multihost_utils.process_allgather(
+        {**{k: out[k] for k in keys}, "id": placed["id"], "mask": placed["mask"]}, tiled=True)
 
 
 def _grid_ids(ids: np.ndarray, values: np.ndarray) -> dict[str, int]:
@@ -313,7 +331,7 @@ def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], glob
         mine = rows[start:start + global_batch][jax.process_index() * local:(jax.process_index() + 1) * local]
         batch = {"rgb": np.stack([truth.get(i, blank) for i in mine]), "id": np.array(mine),
                  "mask": np.array([i >= 0 for i in mine])}
-        _, host = _run(eval_fn, variables, batch, mesh, keys=("pred_rgb",))
+        host = _gather(*_dispatch(eval_fn, variables, batch, mesh), keys=("pred_rgb",))
         predicted.update({int(i): p for i, p in zip(host["id"], host["pred_rgb"]) if i >= 0})
     return train.comparison_grid(np.stack([truth[i] for i in wanted]), np.stack([predicted[i] for i in wanted]))
 

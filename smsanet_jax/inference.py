@@ -13,7 +13,6 @@ import ml_collections
 import numpy as np
 
 from smsanet_jax import checkpointing, config_util, train
-from smsanet_jax.models import basenet
 
 BASELINES = ("gray",)
 
@@ -103,8 +102,8 @@ def load_colorizer(*, workdir: str | None = None, params: str | None = None, con
         model = train.build_model(cfg)
         variables, _ = checkpointing.load_variables(params)
         variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-        # Shapes only: eval_shape allocates nothing; the smallest valid input is enough.
-        size = basenet.SIZE_MULTIPLE
+        # Shapes only: eval_shape allocates nothing. The config's image size suits its attention scales.
+        size = cfg.image_size
         expected = jax.eval_shape(model.init, jax.random.key(0),
                                   jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
         errors = shape_mismatches(variables, expected)

@@ -12,8 +12,9 @@ from skimage import color
 from smsanet_jax import cli, colorize, inference
 from tests import tiny_checkpoint
 
-# uint8 rounding moves L by at most ~0.25; fit_chroma's tolerance adds 0.05.
-L_TOLERANCE = 0.35
+# Rounding sRGB to uint8 moves L by at most ~0.25 (measured over random colours); in-gamut colours
+# are otherwise exact.
+L_TOLERANCE = 0.3
 
 
 @pytest.fixture(scope="module")

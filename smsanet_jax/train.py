@@ -202,7 +202,8 @@ def load_trained(workdir: str, step: int | None = None
     if not step:
         raise ValueError(f"{workdir}: no checkpoint in {checkpointer.directory}")
     model = build_model(config)
-    abstract = abstract_train_state(config, model, parallel.make_mesh(1))
+    # Replicated over every device of every process: a one-device mesh is invalid with several processes.
+    abstract = abstract_train_state(config, model, parallel.make_mesh())
     state = checkpointer.restore_state(step, abstract)
     checkpointer.close()
     return config, model, {"params": state.params, "batch_stats": state.batch_stats}, step

@@ -5,6 +5,9 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,7 @@ import skimage.data
 from PIL import Image
 from skimage import color, metrics as skmetrics
 
-from smsanet_jax import cli, evaluate, inference
+from smsanet_jax import checkpointing, cli, evaluate, inference
 from smsanet_jax.data import decode, transforms
 from tests import tiny_checkpoint
 
@@ -190,3 +193,52 @@ def test_model_choice_errors_are_clear(tmp_path):
         inference.load_colorizer(params=str(tmp_path / "w.msgpack"))
     with pytest.raises(ValueError, match="no config.json"):
         inference.load_colorizer(workdir=str(tmp_path))
+
+
+def test_a_weights_file_with_its_config_scores_like_the_workdir(folder_report, folder, tmp_path):
+    out, summary, colorizer = folder_report
+    weights = str(tmp_path / "tiny.msgpack")
+    checkpointing.save_variables(weights, colorizer.variables, kind="smsanet")
+    loaded = inference.load_colorizer(params=weights, config=tiny_checkpoint.TINY)  # SMSA at 32x32.
+    assert loaded.provenance["params_sha256"] == summary["model"]["params_sha256"]
+    again = evaluate.evaluate(loaded, evaluate.FolderImages(folder), str(tmp_path / "again"), batch_size=4)
+    assert again["psnr"]["mean"] == pytest.approx(summary["psnr"]["mean"], rel=1e-6)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_summary_of_one(trained, tmp_path):
+    """2 processes x 2 CPU devices (jax.distributed on loopback): 5 images split 2 + 3, padded."""
+    workdir, data_dir = trained
+    subset = ["--dataset", "sample_photos", "--split", "train", "--data-dir", data_dir,
+              "--num-images", "5", "--seed", "3", "--batch-size", "4", "--save-images"]
+    single = evaluate.evaluate(inference.load_colorizer(workdir=workdir),
+                               evaluate.DatasetImages("sample_photos", "train", data_dir=data_dir,
+                                                      num_images=5, seed=3),
+                               str(tmp_path / "single"), batch_size=4, num_devices=4)
+    out = tmp_path / "multi"
+    address = f"127.0.0.1:{free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    procs = [subprocess.Popen([sys.executable, "-m", "smsanet_jax", "evaluate", "--workdir", workdir, *subset,
+                               "--out", str(out), "--coordinator", address, "--num-processes", "2",
+                               "--process-id", str(i)], env=env, cwd=tiny_checkpoint.ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    with open(out / "summary.json", encoding="utf-8") as f:
+        multi = json.load(f)
+    assert multi["run"]["processes"] == 2 and multi["run"]["devices"] == 4
+    for k in ("n", "images", "images_sha256", "grid", "data", "model"):
+        assert multi[k] == json.loads(json.dumps(single[k])), k
+    for k in evaluate.METRICS:
+        assert multi[k]["mean"] == pytest.approx(single[k]["mean"], rel=1e-5)
+    assert sorted(os.listdir(out / "predictions")) == sorted(map(evaluate.image_file_name, single["images"]))

@@ -189,6 +189,12 @@ def _run(planned: Sequence[tuple[Input, list[str]]], report: Report, *, batch_si
     return report
 
 
+def _padded_stack(arrays: list[np.ndarray], size: int) -> np.ndarray:
+    """Stacks `arrays` and adds zero rows up to `size`: every call runs a full batch (one compilation)."""
+    stacked = np.stack(arrays)
+    return np.concatenate([stacked, np.zeros((size - len(arrays),) + stacked.shape[1:], stacked.dtype)])
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -399,11 +405,8 @@ def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str
         return _Photo(rgb, small, ab_hint, mask)
 
     def infer(photos: list[_Photo]) -> list[list[np.ndarray]]:
-        pad = batch_size - len(photos)
-        stack = lambda field: np.concatenate([np.stack([getattr(p, field) for p in photos]),
-                                              np.zeros((pad,) + getattr(photos[0], field).shape,
-                                                       getattr(photos[0], field).dtype)])
-        batch = parallel.make_global({k: stack(k) for k in ("small", "ab_hint", "mask")}, mesh)
+        batch = parallel.make_global({k: _padded_stack([getattr(p, k) for p in photos], batch_size)
+                                      for k in ("small", "ab_hint", "mask")}, mesh)
         ab = np.asarray(network(variables, batch["small"], batch["ab_hint"], batch["mask"]))
         return [[np.asarray(merge_full_resolution(p.rgb, ab[i]))] for i, p in enumerate(photos)]
 
@@ -458,8 +461,7 @@ def saliency_maps(params: str, inputs: Sequence[str], out_dir: str, *, threshold
     variables = jax.device_put(variables)
 
     def infer(images: list[np.ndarray]) -> list[list[np.ndarray]]:
-        small = jnp.stack([_shrink(rgb, size) for rgb in images])
-        small = jnp.concatenate([small, jnp.zeros((batch_size - len(images),) + small.shape[1:])])
+        small = _padded_stack([np.asarray(_shrink(rgb, size)) for rgb in images], batch_size)
         prob = pfanet.saliency(variables, small, variant=variant, size=size)
         out = []
         for i, rgb in enumerate(images):

@@ -158,3 +158,19 @@ def test_saliency_rejects_colorizer_weights(siggraph17_pth, tmp_path, capsys):
     convert.convert_file("siggraph17", str(src), dst)
     status, err = run_cli(["saliency", str(src), "--params", dst, "--out", str(tmp_path / "out")], capsys)
     assert status == 2 and "not PFANet weights" in err
+
+
+def test_saliency_reads_keras_layout_weights(tmp_path):
+    """The variant comes from the weights' layout: the Keras model's 1x1 high-level conv means "k"."""
+    variables = jax.device_get(pfanet.PFANet("k").init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
+    weights = str(tmp_path / "pfanet_k.msgpack")
+    checkpointing.save_variables(weights, variables, kind="pfanet-k")
+    loaded, variant = colorize.load_pfanet(weights)
+    assert variant == "k"
+    image = skimage.data.astronaut()[:48, :80]
+    Image.fromarray(image).save(tmp_path / "a.png")
+    report = colorize.saliency_maps(weights, [str(tmp_path / "a.png")], str(tmp_path / "out"), size=32)
+    assert not report.failed
+    direct = np.asarray(pfanet.saliency(loaded, image[None].astype(np.float32), variant="k", size=32))[0, ..., 0]
+    prob = np.asarray(Image.open(tmp_path / "out" / "a_saliency.png")) / 255.0
+    np.testing.assert_allclose(prob, direct, atol=0.5 / 255 + 1e-6)

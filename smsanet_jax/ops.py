@@ -3,10 +3,11 @@
 Each op has two implementations with identical parameters and results:
 
 - "xla": plain `lax.conv_general_dilated`, the path XLA lowers to cuDNN on GPU.
-- "cpu": formulations tuned for XLA:CPU, whose forward convolutions are fast but whose autodiff
-  gradients are not: the weight gradient of a convolution lowers to a generic convolution with a
-  huge window, and the gradient of a transposed (input-dilated) convolution to one that multiplies
-  mostly zeros; both run one to two orders of magnitude below the matmul rate.
+- "cpu": formulations tuned for XLA:CPU. Its forward convolutions run near the matmul rate, but
+  not everything autodiff derives from them does: the weight gradient of a 3x3 convolution lowers
+  to a convolution with an H x W window, which falls to a third of that rate on large images; the
+  weight gradient of the transposed (input-dilated) convolution takes 70-230x as long as its
+  forward pass; and a 1x1 convolution takes a generic loop several times slower than the matmul it is.
 
 "auto" picks "cpu" on the CPU backend and "xla" elsewhere.
 """
@@ -105,7 +106,11 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto"
 # XLA:CPU formulations.
 
 def _fits_shifted_vjp(kernel_shape: tuple[int, ...], padding: Padding, dilation: tuple[int, int]) -> bool:
-    """Whether `_conv_shifted_vjp` serves this conv and beats XLA's own gradient on CPU."""
+    """Whether `_conv_shifted_vjp` serves this conv: BaseNet's 3x3 kernels, dilation 1 or 2.
+
+    PFANet's and the attention modules' other kernels (1x9, 9x1, 7x7, dilation 3-7, mostly few
+    output channels) measured no faster that way, so they keep XLA's own gradient.
+    """
     kh, kw = kernel_shape[:2]
     # The input gradient is a correlation padded by (k - 1) * d - p, which must not be negative.
     fits = all(0 <= lo and 0 <= hi and max(lo, hi) <= (k - 1) * d
@@ -134,8 +139,9 @@ def _conv_f32(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple
 def _conv1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """A 1x1 convolution as the [NHW, I] x [I, O] matmul it is.
 
-    XLA:CPU lowers a 1x1 convolution to a generic convolution loop, several times (10x for few
-    output channels) slower than its matmul; autodiff of the matmul gives matmul gradients.
+    XLA:CPU lowers a 1x1 convolution to a generic convolution loop, several times (7x for
+    BaseNet's 128 -> 2 output layer) slower than its matmul; autodiff of the matmul gives matmul
+    gradients.
     """
     y = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0], preferred_element_type=_accumulation_dtype(x.dtype))
     return y.astype(x.dtype).reshape(*x.shape[:-1], kernel.shape[-1])
@@ -174,7 +180,7 @@ def _conv_shifted_vjp(x: jax.Array, kernel: jax.Array, padding: Padding, dilatio
 
 
 def _conv_shifted_vjp_fwd(x, kernel, padding, dilation):
-    return _conv_f32(x, kernel, padding, dilation), (x, kernel)
+    return _conv_shifted_vjp(x, kernel, padding, dilation), (x, kernel)
 
 
 def _conv_shifted_vjp_bwd(padding, dilation, residuals, dy):

@@ -160,16 +160,29 @@ def test_saliency_rejects_colorizer_weights(siggraph17_pth, tmp_path, capsys):
     assert status == 2 and "not PFANet weights" in err
 
 
-def test_saliency_reads_keras_layout_weights(tmp_path):
-    """The variant comes from the weights' layout: the Keras model's 1x1 high-level conv means "k"."""
-    variables = jax.device_get(pfanet.PFANet("k").init(jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32)))
-    weights = str(tmp_path / "pfanet_k.msgpack")
-    checkpointing.save_variables(weights, variables, kind="pfanet-k")
-    loaded, variant = colorize.load_pfanet(weights)
+@pytest.fixture(scope="module")
+def keras_layout_weights(tmp_path_factory):
+    variables = jax.device_get(jax.eval_shape(
+        pfanet.PFANet("k").init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)))
+    rng = np.random.default_rng(0)
+    variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), variables)
+    path = str(tmp_path_factory.mktemp("pfanet_k") / "pfanet_k.msgpack")
+    checkpointing.save_variables(path, variables, kind="pfanet-k")
+    return path
+
+
+def test_saliency_tells_the_keras_layout_from_its_weights(keras_layout_weights):
+    """The Keras model's 1x1 high-level conv means variant "k"."""
+    _, variant = colorize.load_pfanet(keras_layout_weights)
     assert variant == "k"
+
+
+@pytest.mark.slow
+def test_saliency_maps_with_keras_layout_weights(keras_layout_weights, tmp_path):
+    loaded, _ = colorize.load_pfanet(keras_layout_weights)
     image = skimage.data.astronaut()[:48, :80]
     Image.fromarray(image).save(tmp_path / "a.png")
-    report = colorize.saliency_maps(weights, [str(tmp_path / "a.png")], str(tmp_path / "out"), size=32)
+    report = colorize.saliency_maps(keras_layout_weights, [str(tmp_path / "a.png")], str(tmp_path / "out"), size=32)
     assert not report.failed
     direct = np.asarray(pfanet.saliency(loaded, image[None].astype(np.float32), variant="k", size=32))[0, ..., 0]
     prob = np.asarray(Image.open(tmp_path / "out" / "a_saliency.png")) / 255.0

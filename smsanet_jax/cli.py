@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Scores a model on a folder or a dataset split and writes summary.json, "
                                    "per_image.csv, images.txt and grid.png to --out.")
     _add_model_args(p)
-    d = p.add_argument_group("images (exactly one)").add_mutually_exclusive_group(required=True)
-    d.add_argument("--images", help="a folder of images (recursive; no preparation step)")
+    d = p.add_mutually_exclusive_group(required=True)
+    d.add_argument("--images", help="a folder of images (recursive; no preparation step); or --dataset")
     d.add_argument("--dataset", help="a prepared dataset: imagenet2012, sample_photos, a tfds name")
     p.add_argument("--split", default="validation", help="dataset split (paper: test)")
     p.add_argument("--data-dir", help="tfds data dir")

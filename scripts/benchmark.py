@@ -1,0 +1,530 @@
+"""Training and inference speed on the current backend, side by side with the PyTorch reference.
+
+  .venv/bin/python scripts/benchmark.py --out results.json            # everything, ~30 min on 2 CPU cores
+  .venv/bin/python scripts/benchmark.py --models smsanet --batches 1  # the headline row only
+  .venv/bin/python scripts/benchmark.py --quick --out /tmp/b.json     # tiny sizes: a smoke test
+
+Measured in one run, each group interleaved (A B C A B C ..., after compiling and one warm-up
+call each) so that load from other processes hits every contestant alike, and reported as medians:
+- training images/s of BaseNet, SMSANet (alpha 0) and SMSANet with the salient loss (random PFANet
+  weights: the cost is the same), per batch size and dtype (bfloat16 on GPU/TPU, or with --bf16),
+  beside the PyTorch BaseNet step (the tests' SIGGRAPH17 module, the same Huber loss and
+  torch.optim.Adam, with as many threads as JAX's CPU backend uses) and a square matmul, whose
+  FLOP/s is the peak each step is scored against;
+- FLOPs per image from XLA's cost analysis of the compiled step (the PyTorch row uses BaseNet's),
+  and the compiled memory footprint (arguments + outputs + temporaries);
+- the quickstart model's step with each --conv-impl (the fast CPU convolutions against XLA's);
+- images/s of `colorize` (random weights of configs/smsanet.py) on photos of each --photo-sizes.
+Extra `--config.key=value` arguments override the training and inference configs. JSON (--out)
+holds every measurement, `ratio_vs_pytorch` (SMSANet alpha 0, float32, batch 1, over the PyTorch
+step) and `fraction_of_peak` (the same SMSANet row, bfloat16 on GPU/TPU, over the matmul peak).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bench_inference  # Beside this file: photo folders and random-weight files for `colorize`.
+from smsanet_jax import colorize, config_util, inference, ops, parallel, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+# name -> (label, config file, overrides).
+MODELS = {
+    "basenet": ("BaseNet", "basenet.py", ()),
+    "smsanet": ("SMSANet (alpha 0)", "smsanet_huber.py", ()),
+    "smsanet_salient": ("SMSANet + salient loss", "smsanet.py", ("--config.init.pfanet=random",)),
+}
+# Shrinks every config to the tiny test model (configs/tiny.py): seconds instead of minutes.
+QUICK_OVERRIDES = ("--config.image_size=32", "--config.model.width=8", "--config.model.n_scales=3",
+                   "--config.loss.pfanet_size=32")
+HEADLINE_MODEL, HEADLINE_BATCH = "smsanet", 1
+GROUPS = ("training", "pytorch", "matmul_peak", "conv_impl", "inference")  # Top-level JSON keys, table order.
+
+
+@dataclasses.dataclass
+class Contestant:
+    """One thing to time: `step()` dispatches one unit of work, `sync(out)` waits for it to finish."""
+
+    name: str
+    step: Callable[[], Any]
+    images: int  # Images per step (for a matmul: 1).
+    sync: Callable[[Any], Any] = jax.block_until_ready
+    row: dict = dataclasses.field(default_factory=dict)  # What the JSON row says besides the times.
+
+
+# --- Timing ------------------------------------------------------------------------------------
+
+
+def _run(contestant: Contestant, calls: int) -> float:
+    """Seconds per step over `calls` back-to-back steps (a fast device queues them asynchronously)."""
+    start = time.perf_counter()
+    out = None
+    for _ in range(calls):
+        out = contestant.step()
+    contestant.sync(out)
+    return (time.perf_counter() - start) / calls
+
+
+def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float) -> list[dict]:
+    """Times each contestant `repeats` times, round-robin, after one warm-up step each.
+
+    A step shorter than `min_time` seconds is repeated within each timing so that dispatch and
+    timer overheads vanish (only on fast devices; on a CPU every step here takes longer).
+
+    Args:
+        contestants: already compiled work.
+        repeats: timed runs per contestant.
+        min_time: shortest timed run, in seconds.
+
+    Returns:
+        One row per contestant: its `row`, the per-step seconds of each run, their median and
+        images per second.
+    """
+    calls = {}
+    for c in contestants:
+        warm = _run(c, 1)
+        calls[c.name] = max(1, math.ceil(min_time / max(warm, 1e-9)))
+        _log(f"  warm-up {c.name}: {warm:.3f} s/step")
+    times = {c.name: [] for c in contestants}
+    for r in range(repeats):
+        for c in contestants:
+            times[c.name].append(_run(c, calls[c.name]))
+        _log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{c.name} {times[c.name][-1]:.3f} s" for c in contestants))
+    rows = []
+    for c in contestants:
+        median = float(np.median(times[c.name]))
+        rows.append({**c.row, "name": c.name, "images_per_step": c.images, "calls_per_run": calls[c.name],
+                     "step_seconds": times[c.name], "step_seconds_median": median,
+                     "images_per_second": c.images / median})
+    return rows
+
+
+# --- Contestants -------------------------------------------------------------------------------
+
+
+def _random_rgb(batch: int, size: int) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+
+
+def _memory(compiled) -> dict[str, int] | None:
+    """Bytes the compiled executable needs on its device (None where the backend does not say)."""
+    stats = compiled.memory_analysis()
+    if stats is None:
+        return None
+    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
+            + stats.temp_size_in_bytes)
+    return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
+            "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes, "total": peak}
+
+
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # Older JAX: one dict per executable.
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and cost.get("flops", 0) > 0 else None
+
+
+def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: dict) -> Contestant:
+    """The jitted, sharded train step of a config on a fixed random batch, compiled ahead of time.
+
+    Args:
+        name: the contestant's name.
+        config_file: a config in configs/.
+        overrides: `--config.key=value` overrides (batch size, dtype, devices included).
+        row: facts for the JSON row.
+
+    Returns:
+        The contestant; its row gains the cost-analysis FLOPs per image, the compiled memory and
+        the compile time.
+    """
+    config = config_util.load_config(str(config_file), overrides)
+    mesh = parallel.make_mesh(config.num_devices)
+    state = train.create_train_state(config, train.build_model(config), mesh)
+    pfanet_variables = train.load_pfanet(config, mesh)
+    batch = parallel.make_global({"rgb": _random_rgb(config.global_batch_size, config.image_size)}, mesh)
+    start = time.perf_counter()
+    compiled = train.jit_train_step(config, mesh).lower(state, batch, pfanet_variables).compile()
+    compile_seconds = time.perf_counter() - start
+    flops = _cost_flops(compiled)
+    holder = [state]  # The step donates the state: each call replaces it.
+
+    def step():
+        holder[0], metrics = compiled(holder[0], batch, pfanet_variables)
+        return holder[0], metrics
+
+    row = {**row, "framework": "jax", "batch": config.global_batch_size, "image_size": config.image_size,
+           "width": config.model.width, "dtype": config.dtype, "conv_impl": ops.resolve_impl(config.conv_impl),
+           "devices": mesh.size, "compile_seconds": compile_seconds, "memory_bytes": _memory(compiled),
+           # Cost analysis describes one device's share of the partitioned step.
+           "flops_per_image": flops * mesh.size / config.global_batch_size if flops else None}
+    return Contestant(name, step, config.global_batch_size, row=row)
+
+
+def torch_training(batch: int, size: int, width: int, threads: int) -> Contestant:
+    """The PyTorch BaseNet step: SIGGRAPH17 forward, Zhang's Huber loss on ab / 110, Adam(1e-5).
+
+    Runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with `threads` threads.
+    """
+    import torch  # Optional: only this contestant needs it.
+    import torch.nn.functional as F
+    spec = importlib.util.spec_from_file_location("torch_siggraph17", ROOT / "tests" / "torch_siggraph17.py")
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = reference.SIGGRAPH17(width=width).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    l, ab = (torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+             for x in train.split_lab(jnp.asarray(_random_rgb(batch, size))))
+    norm = reference.AB_NORM
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.smooth_l1_loss(model(l) / norm, ab / norm, beta=1.0 / norm)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    def sync(_):
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    row = {"kind": "training", "model": "basenet", "label": "BaseNet, PyTorch", "framework": "pytorch",
+           "batch": batch, "image_size": size, "width": width, "dtype": "float32", "device": device,
+           "threads": torch.get_num_threads(), "torch_version": torch.__version__}
+    return Contestant(f"pytorch basenet b{batch}", step, batch, sync=sync, row=row)
+
+
+def matmul(n: int, dtype: str) -> Contestant:
+    """An n x n x n matmul on the first device: the FLOP/s every step is compared with."""
+    a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.dtype(dtype))
+    compiled = jax.jit(jnp.matmul).lower(a, b).compile()
+    row = {"kind": "matmul", "label": f"matmul {n}x{n}", "dtype": dtype, "n": n, "flops": 2.0 * n ** 3}
+    return Contestant(f"matmul {dtype}", lambda: compiled(a, b), 1, row=row)
+
+
+def colorize_run(colorizer: inference.Colorizer, photos: str, out_dir: str, count: int, size: int,
+                 devices: int, row: dict) -> Contestant:
+    """`colorize` of a folder of `count` photos, in one batch, overwriting its outputs each time."""
+    def step():
+        report = colorize.colorize(colorizer, [photos], out_dir, overwrite=True, batch_size=count,
+                                   num_devices=devices, size=size)
+        if len(report.written) != count:
+            raise RuntimeError(f"colorize wrote {len(report.written)} of {count} images: {report.failed}")
+
+    step()  # Compiles the network and the full-resolution merge, so the warm-up is only a warm-up.
+    return Contestant(row["name"], step, count, sync=lambda _: None, row=row)
+
+
+# --- Groups ------------------------------------------------------------------------------------
+
+
+def training_group(args: argparse.Namespace, dtypes: Sequence[str], overrides: Sequence[str]) -> list[dict]:
+    """Every selected model x batch x dtype, the PyTorch step per batch and the matmuls, interleaved."""
+    contestants = []
+    for model in args.models:
+        label, config_file, model_overrides = MODELS[model]
+        for dtype in dtypes:
+            for batch in args.batches:
+                name = f"{model} {dtype} b{batch}"
+                _log(f"compiling {name}")
+                contestants.append(jax_training(
+                        name, CONFIGS / config_file,
+                        [*overrides, *model_overrides, f"--config.global_batch_size={batch}",
+                         f"--config.dtype={dtype}"],
+                        {"kind": "training", "model": model, "label": label}))
+    if args.torch and _torch_available():
+        # The network BaseNet's config describes (size and width follow the overrides).
+        config = config_util.load_config(str(CONFIGS / MODELS["basenet"][1]), overrides)
+        contestants += [torch_training(batch, config.image_size, config.model.width, _cpu_threads())
+                        for batch in args.batches]
+    contestants += [matmul(args.matmul_size, dtype) for dtype in dtypes]
+    return interleave(contestants, args.repeats, args.min_time)
+
+
+def conv_impl_group(args: argparse.Namespace) -> list[dict]:
+    """The quickstart model's train step with each convolution implementation, interleaved."""
+    config_file = CONFIGS / ("tiny.py" if args.quick else "quickstart.py")
+    contestants = []
+    for impl in args.conv_impl:
+        _log(f"compiling the {config_file.stem} step with conv_impl={impl}")
+        contestants.append(jax_training(
+                f"{config_file.stem} {impl}", config_file,
+                [f"--config.conv_impl={impl}", f"--config.num_devices={args.devices}"],
+                {"kind": "conv_impl", "model": config_file.stem, "label": config_file.stem}))
+    return interleave(contestants, args.repeats, args.min_time)
+
+
+def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
+    """`colorize` with random SMSANet weights on photos of each size, interleaved."""
+    with tempfile.TemporaryDirectory() as tmp:
+        config_file = str(CONFIGS / "smsanet.py")
+        weights = os.path.join(tmp, "weights.msgpack")
+        bench_inference._random_weights(config_file, overrides, weights)
+        colorizer = inference.load_colorizer(params=weights, config=config_file, overrides=overrides)
+        size = colorizer.provenance["config"]["image_size"]
+        contestants = []
+        for width, height in args.photo_sizes:
+            photos = os.path.join(tmp, f"photos_{width}x{height}")
+            bench_inference._photos(photos, args.inference_images, (width, height))
+            row = {"kind": "inference", "name": f"colorize {width}x{height}", "label": f"colorize {width}x{height}",
+                   "photo_size": [width, height], "network_size": size, "batch": args.inference_images,
+                   "width": colorizer.provenance["config"]["model"]["width"], "dtype": "float32"}
+            contestants.append(colorize_run(colorizer, photos, os.path.join(tmp, f"out_{width}x{height}"),
+                                            args.inference_images, size, args.devices, row))
+        return interleave(contestants, args.repeats, args.min_time)
+
+
+# --- Summary -----------------------------------------------------------------------------------
+
+
+def score(rows: list[dict]) -> dict[str, Any]:
+    """Adds FLOP/s, fraction of peak and the PyTorch ratio to the rows; returns the headline numbers.
+
+    Args:
+        rows: every row of the run (mutated).
+
+    Returns:
+        `ratio_vs_pytorch`, `fraction_of_peak` and the rows they come from.
+    """
+    peaks = {r["dtype"]: r["flops"] * r["images_per_second"] for r in rows if r["kind"] == "matmul"}
+    for r in rows:
+        if r["kind"] == "matmul":
+            r["flops_per_second"] = peaks[r["dtype"]]
+    torch_rows = {r["batch"]: r for r in rows if r.get("framework") == "pytorch"}
+    basenet_flops = {r["batch"]: r["flops_per_image"] for r in rows
+                     if r.get("framework") == "jax" and r["model"] == "basenet" and r["dtype"] == "float32"}
+    for r in torch_rows.values():
+        # The same network: BaseNet's cost analysis, at the same batch if measured.
+        r["flops_per_image"] = basenet_flops.get(r["batch"], next(iter(basenet_flops.values()), None))
+    for r in rows:
+        if r["kind"] not in ("training", "conv_impl"):
+            continue
+        flops = r.get("flops_per_image")
+        r["flops_per_second"] = flops * r["images_per_second"] if flops else None
+        peak = peaks.get(r["dtype"], peaks.get("float32"))
+        r["fraction_of_peak"] = r["flops_per_second"] / peak if r["flops_per_second"] and peak else None
+        torch_row = torch_rows.get(r["batch"])
+        if r.get("framework") == "jax" and r["kind"] == "training" and torch_row:
+            r["vs_pytorch"] = r["images_per_second"] / torch_row["images_per_second"]
+    headline_dtype = "float32" if jax.default_backend() == "cpu" or "bfloat16" not in peaks else "bfloat16"
+    find = lambda dtype: next((r for r in rows if r.get("framework") == "jax" and r["kind"] == "training"
+                               and r["model"] == HEADLINE_MODEL and r["batch"] == HEADLINE_BATCH
+                               and r["dtype"] == dtype), None)
+    ratio_row, peak_row = find("float32"), find(headline_dtype)
+    torch_row = torch_rows.get(HEADLINE_BATCH)
+    return {
+        "ratio_vs_pytorch": (ratio_row["images_per_second"] / torch_row["images_per_second"]
+                             if ratio_row and torch_row else None),
+        "fraction_of_peak": peak_row["fraction_of_peak"] if peak_row else None,
+        "headline": {"ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{HEADLINE_BATCH} / pytorch basenet "
+                                         f"b{HEADLINE_BATCH} images/s",
+                     "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s / "
+                                         f"matmul {headline_dtype} FLOP/s"},
+    }
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    cpu_model = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
+    return {"backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
+            "cpu_model": cpu_model, "cpu_threads": _cpu_threads(), "jax_version": jax.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gb": _total_memory_gb()}
+
+
+def peak_memory(devices: int) -> dict[str, Any]:
+    """Peak resident memory of this process, and the devices' own peak where they report one."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_bytes": rss if sys.platform == "darwin" else rss * 1024}  # Linux counts KiB.
+    stats = [d.memory_stats() or {} for d in jax.local_devices()[:devices]]
+    peaks = [s["peak_bytes_in_use"] for s in stats if "peak_bytes_in_use" in s]
+    out["device_peak_bytes_in_use"] = max(peaks) if peaks else None
+    return out
+
+
+def _group(row: dict) -> str:
+    """The top-level JSON key of a row."""
+    if row["kind"] == "training":
+        return "pytorch" if row["framework"] == "pytorch" else "training"
+    return {"matmul": "matmul_peak", "conv_impl": "conv_impl", "inference": "inference"}[row["kind"]]
+
+
+def _conv_impl_speedup(rows: list[dict]) -> float | None:
+    """Quickstart images/s with the fast CPU convolutions over XLA's own (None unless both ran)."""
+    rate = {r["conv_impl"]: r["images_per_second"] for r in rows if r["kind"] == "conv_impl"}
+    return rate["cpu"] / rate["xla"] if "cpu" in rate and "xla" in rate else None
+
+
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    return "–" if value is None else format(value / scale, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The run as a markdown table, with the machine and the headline numbers underneath."""
+    lines = ["| measurement | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
+             "| of peak | vs PyTorch | compiled memory GB |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in (r for key in GROUPS for r in results[key]):
+        size = (f"{r['photo_size'][0]}x{r['photo_size'][1]} -> {r['network_size']}" if r["kind"] == "inference"
+                else f"{r['n']}^3" if r["kind"] == "matmul" else f"{r['image_size']}, width {r['width']}")
+        impl = f", {r['conv_impl']} convs" if r.get("conv_impl") else ""
+        memory = (r.get("memory_bytes") or {}).get("total")
+        lines.append(
+                f"| {r['label']}{impl} | {r['dtype']} | {r.get('batch', '')} | {size} | "
+                f"{_fmt(r['images_per_second'], '.3g') if r['kind'] != 'matmul' else ''} | "
+                f"{r['step_seconds_median']:.3g} | {_fmt(r.get('flops_per_image'), '.1f', 1e9)} | "
+                f"{_fmt(r.get('flops_per_second'), '.1f', 1e9)} | {_fmt(r.get('fraction_of_peak'), '.0%')} | "
+                f"{_fmt(r.get('vs_pytorch'), '.2f')} | {_fmt(memory, '.2f', 1e9)} |")
+    m, mem = results["machine"], results["memory"]
+    lines += [
+            "",
+            f"Machine: {m['backend']} backend, device `{m['device_kind']}` x {results['settings']['devices']} "
+            f"used ({m['device_count']} present); CPU {m['cpu_model']}, {m['cpu_threads']} threads, "
+            f"{m['memory_gb']:.0f} GB; JAX {m['jax_version']}, Python {m['python']}"
+            + (f", PyTorch {results['torch_version']}" if results.get("torch_version") else "") + ".",
+            f"Load average (1 min) {results['load_average']['start']:.2f} at the start, "
+            f"{results['load_average']['end']:.2f} at the end; {results['wall_seconds'] / 60:.1f} min in all; "
+            f"medians of {results['settings']['repeats']} interleaved runs after one warm-up.",
+            f"Peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB"
+            + (f"; device peak {mem['device_peak_bytes_in_use'] / 1e9:.2f} GB"
+               if mem["device_peak_bytes_in_use"] else "") + ".",
+            f"ratio_vs_pytorch = {_fmt(results['ratio_vs_pytorch'], '.2f')} "
+            f"({results['headline']['ratio_vs_pytorch']}); fraction_of_peak = "
+            f"{_fmt(results['fraction_of_peak'], '.1%')} ({results['headline']['fraction_of_peak']}); "
+            f"conv_impl_speedup (quickstart step, cpu / xla convs) = {_fmt(results['conv_impl_speedup'], '.2f')}.",
+            f"bfloat16: {results['settings']['bfloat16']}.",
+    ]
+    return "\n".join(lines)
+
+
+# --- Command line ------------------------------------------------------------------------------
+
+
+def _cpu_threads() -> int:
+    """Cores this process may use: XLA:CPU sizes its thread pool to them, and torch gets as many."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def _total_memory_gb() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return float("nan")
+
+
+def _torch_available() -> bool:
+    return importlib.util.find_spec("torch") is not None
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _csv(cast: Callable[[str], Any]) -> Callable[[str], list]:
+    return lambda text: [cast(x) for x in text.split(",") if x]
+
+
+def _photo_size(text: str) -> tuple[int, int]:
+    width, height = text.lower().split("x")
+    return int(width), int(height)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The options, with --quick's smaller defaults filled in, and the `--config.*` overrides."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write every measurement here as JSON")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (32x32, width 8, configs/tiny.py for --conv-impl): a smoke test")
+    parser.add_argument("--models", type=_csv(str), default=list(MODELS), help=f"subset of {','.join(MODELS)}")
+    parser.add_argument("--batches", type=_csv(int), default=None, help="training batch sizes (default 1,4)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (median reported)")
+    parser.add_argument("--bf16", action="store_true",
+                        help="also train in bfloat16 on a CPU (always done on GPU/TPU; slow on most CPUs)")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch step")
+    parser.add_argument("--conv-impl", type=_csv(str), default=["xla", "cpu"],
+                        help="conv implementations compared on the quickstart model ('' skips)")
+    parser.add_argument("--photo-sizes", type=_csv(_photo_size), default=None,
+                        help="colorize input photo sizes, WxH (default 256x256,1024x768; '' skips)")
+    parser.add_argument("--inference-images", type=int, default=None, help="photos per colorize run (default 4)")
+    parser.add_argument("--matmul-size", type=int, default=None, help="side of the peak matmul (default 4096)")
+    parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh")
+    parser.add_argument("--min-time", type=float, default=None,
+                        help="shortest timed run in seconds; faster steps repeat within it (default 0.2)")
+    args, overrides = parser.parse_known_args(argv)
+    bad = [o for o in overrides if not o.startswith("--config.")]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    unknown = set(args.models) - set(MODELS)
+    if unknown:
+        parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
+    quick = args.quick
+    defaults = {"batches": [1] if quick else [1, 4], "photo_sizes": [(32, 32), (128, 96)] if quick else
+                [(256, 256), (1024, 768)], "inference_images": 2 if quick else 4,
+                "matmul_size": 512 if quick else 4096, "min_time": 0.02 if quick else 0.2}
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    overrides = [*(QUICK_OVERRIDES if quick else ()), f"--config.num_devices={args.devices}", *overrides]
+    return args, overrides
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args, overrides = parse_args(argv)
+    start, load_start = time.perf_counter(), os.getloadavg()[0]
+    accelerator = jax.default_backend() in ("gpu", "tpu")
+    dtypes = ["float32", "bfloat16"] if accelerator or args.bf16 else ["float32"]
+    _log(f"{jax.default_backend()} backend ({jax.devices()[0].device_kind}), load average {load_start:.2f}, "
+         f"dtypes {dtypes}")
+    rows = training_group(args, dtypes, overrides) if args.models else []
+    gc.collect()  # The training states go before the next groups compile.
+    if args.conv_impl:
+        rows += conv_impl_group(args)
+    if args.photo_sizes:
+        rows += inference_group(args, overrides)
+    headline = score(rows)
+    results = {
+            **headline, **{key: [r for r in rows if _group(r) == key] for key in GROUPS},
+            "conv_impl_speedup": _conv_impl_speedup(rows), "machine": machine(),
+            "memory": peak_memory(args.devices),
+            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+            "wall_seconds": time.perf_counter() - start,
+            "torch_version": next((r["torch_version"] for r in rows if "torch_version" in r), None),
+            "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "dtypes": dtypes,
+                         "overrides": overrides,
+                         "bfloat16": "measured" if "bfloat16" in dtypes else "not measured: CPU without --bf16"},
+    }
+    print(markdown(results))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()

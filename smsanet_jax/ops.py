@@ -6,7 +6,7 @@ Each op has two implementations with identical parameters and results:
 - "cpu": formulations tuned for XLA:CPU. Its forward convolutions run near the matmul rate, but
   not everything autodiff derives from them does: the weight gradient of a 3x3 convolution lowers
   to a convolution with an H x W window, which falls to a third of that rate on large images; the
-  weight gradient of the transposed (input-dilated) convolution takes 70-230x as long as its
+  weight gradient of the transposed (input-dilated) convolution takes 30-300x as long as its
   forward pass; and a 1x1 convolution takes a generic loop several times slower than the matmul it is.
 
 "auto" picks "cpu" on the CPU backend and "xla" elsewhere.

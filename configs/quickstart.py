@@ -20,9 +20,8 @@ def get_config():
     c.data.num_workers = 0
     c.data.gray_threshold = 0.0
     c.log_every_steps = 10
-    c.image_every_steps = 100
     c.checkpoint_every_steps = 100
-    c.eval_every_steps = 0
+    c.eval_every_steps = 100
     c.eval_num_examples = 8
     c.eval_batch_size = 8
     return c

@@ -52,10 +52,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.gray_threshold = 5.0  # Skip training images whose ab range is below this (Zhang et al.).
 
     c.log_every_steps = 50  # Progress line, scalars and the metrics file.
-    c.image_every_steps = 1000  # TensorBoard / PNG grid of gray | prediction | truth.
     c.checkpoint_every_steps = 1000
     c.keep_checkpoints = 3
-    c.eval_every_steps = 5000  # 0: evaluate only at the end.
-    c.eval_num_examples = 1000  # Held-out images scored during training (fixed seed).
+    # Every N steps and at the end: the evaluation protocol on held-out images, written to
+    # eval/step_N/ (summary, per-image CSV, gray | prediction | truth grid) and to TensorBoard.
+    c.eval_every_steps = 2000
+    c.eval_num_examples = 500  # Held-out images drawn with the seed (the paper's test uses 1000).
     c.eval_batch_size = 16
     return c

@@ -15,7 +15,7 @@ def get_config():
     c.model.n_scales = 3  # SMSA at 4x4 feature maps: scales 1/2 and 1/4.
     c.loss.pfanet_size = 32
     c.log_every_steps = 1
-    c.image_every_steps = 2
+    c.eval_every_steps = 2
     c.checkpoint_every_steps = 2
     c.eval_num_examples = 4
     c.eval_batch_size = 8

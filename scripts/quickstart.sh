@@ -27,7 +27,7 @@ cat <<MSG
 
 Done. Results in $WORKDIR:
   checkpoints/          orbax checkpoints (rerun the same command to continue training)
-  images/step_*.png     gray | prediction | truth grids on held-out photos
+  eval/step_*/          evaluation reports: grid.png (gray | prediction | truth), summary.json
   colorized/            the photos in $WORKDIR/gray, colorized at full resolution
   tensorboard/          open with: .venv/bin/tensorboard --logdir $WORKDIR/tensorboard
 MSG

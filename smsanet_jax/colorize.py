@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from smsanet_jax import checkpointing, colorspace, inference, parallel, reporting, train
+from smsanet_jax import checkpointing, colorspace, convert, inference, parallel, reporting
 from smsanet_jax.data import decode, image_folder, transforms
 from smsanet_jax.models import pfanet
 
@@ -195,10 +195,6 @@ def _padded_stack(arrays: list[np.ndarray], size: int) -> np.ndarray:
     return np.concatenate([stacked, np.zeros((size - len(arrays),) + stacked.shape[1:], stacked.dtype)])
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def _reason(error: Exception) -> str:
     if isinstance(error, FileNotFoundError):
         return "no such file"
@@ -301,7 +297,7 @@ class _Photo:
 
 
 def _network_ab(apply_fn, variables: Any, rgb_small: jax.Array, ab_hint: jax.Array, mask: jax.Array) -> jax.Array:
-    l, _ = train.split_lab(rgb_small)
+    l, _ = colorspace.rgb_uint8_to_l_ab(rgb_small)
     return apply_fn(variables, l, ab_hint, mask, train=False).astype(jnp.float32)
 
 
@@ -393,7 +389,7 @@ def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str
     planned = _plan(items, out_dir, [""], fmt, overwrite, report)
     mesh = parallel.make_mesh(num_devices)
     # Every call runs a full (padded) batch: no bigger than the inputs need.
-    batch_size = _round_up(min(batch_size, max(len(planned), 1)), mesh.size)
+    batch_size = parallel.round_up_to_devices(min(batch_size, max(len(planned), 1)), mesh)
     variables = jax.device_put(colorizer.variables, parallel.replicated(mesh))
     network = _compiled_network(colorizer.apply_fn)
 
@@ -488,7 +484,7 @@ def load_pfanet(params: str) -> tuple[dict[str, Any], str]:
     side = pfanet.SIZE_MULTIPLE
     expected = jax.eval_shape(pfanet.PFANet(variant).init, jax.random.key(0),
                               jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
-    errors = inference.shape_mismatches(variables, expected)
+    errors = convert.shape_errors(variables, expected)
     if errors:
         raise ValueError(f"{params}: not PFANet weights ({len(errors)} mismatches, e.g. {errors[0]}); convert "
                          "them with `smsanet-jax convert-weights pfanet-s SRC DST` (pfanet-k for the Keras .h5)")

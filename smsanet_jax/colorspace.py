@@ -103,6 +103,12 @@ def rgb_uint8_to_lab(rgb: jax.Array) -> jax.Array:
     return rgb_to_lab(jnp.asarray(rgb).astype(jnp.float32) / 255.0)
 
 
+def rgb_uint8_to_l_ab(rgb: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 RGB [..., 3] -> (L [..., 1], ab [..., 2]), the network's input and target."""
+    lab = rgb_uint8_to_lab(rgb)
+    return lab[..., :1], lab[..., 1:]
+
+
 def lab_to_rgb_uint8(lab: jax.Array) -> jax.Array:
     """Converts Lab [..., 3] to uint8 RGB, rounding half to even as `img_as_ubyte(lab2rgb(lab))`."""
     return jnp.clip(jnp.rint(lab_to_rgb(lab) * 255.0), 0, 255).astype(jnp.uint8)

@@ -123,8 +123,8 @@ def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def _shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> list[str]:
-    """Compares two nested dicts of arrays; lists every missing, extra or mis-shaped leaf."""
+def shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> list[str]:
+    """Compares two nested dicts of arrays (or shape structs); lists every missing, extra or mis-shaped leaf."""
     errors = []
     for key in sorted(set(converted) | set(expected)):
         where = f"{prefix}/{key}"
@@ -133,7 +133,7 @@ def _shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> li
         elif key not in converted:
             errors.append(f"{where}: missing from the checkpoint")
         elif isinstance(expected[key], Mapping):
-            errors.extend(_shape_errors(converted[key], expected[key], where))
+            errors.extend(shape_errors(converted[key], expected[key], where))
         elif tuple(converted[key].shape) != tuple(expected[key].shape):
             errors.append(f"{where}: shape {tuple(converted[key].shape)} in the checkpoint, "
                           f"{tuple(expected[key].shape)} in the network")
@@ -161,10 +161,10 @@ def from_torch(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], exp
             _set_path(variables["batch_stats"], entry.flax, stats)
     if not variables["batch_stats"]:
         del variables["batch_stats"]
-    shape_errors = _shape_errors(variables, {k: v for k, v in expected.items() if k in variables})
+    mismatches = shape_errors(variables, {k: v for k, v in expected.items() if k in variables})
     if errors:  # Leaves of missing keys are absent from `variables`; they are reported already.
-        shape_errors = [e for e in shape_errors if not e.endswith("missing from the checkpoint")]
-    errors += shape_errors
+        mismatches = [e for e in mismatches if not e.endswith("missing from the checkpoint")]
+    errors += mismatches
     if errors:
         raise ConversionError(f"{source} does not match the network:\n  " + "\n  ".join(errors))
     return variables
@@ -418,7 +418,7 @@ def pfanet_from_keras_h5(path: str) -> Variables:
             _set_path(variables[collection], (*flax, leaf), value)
     for name, flax in paths.items():
         for collection in ("params", "batch_stats"):
-            errors += _shape_errors(_subtree(variables[collection], flax), _subtree(expected[collection], flax),
+            errors += shape_errors(_subtree(variables[collection], flax), _subtree(expected[collection], flax),
                                     f"layer {name} ({collection}/{'/'.join(flax)})")
     if errors:
         raise ConversionError(f"{path} does not match PFANet (Keras layout):\n  " + "\n  ".join(errors))

@@ -35,11 +35,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from scipy import stats
 
-from smsanet_jax import data, parallel, reporting, train
+from smsanet_jax import colorspace, data, metrics, parallel, reporting
 from smsanet_jax.data import decode, image_folder, transforms
 from smsanet_jax.inference import Colorizer
 
@@ -209,14 +210,33 @@ class _Scores:
         return ids[mask][order], values, unreadable
 
 
+def predict_rgb(apply_fn, variables: Any, rgb_uint8: jax.Array) -> jax.Array:
+    """Ground-truth L + predicted ab -> uint8 RGB (rounded), the image every metric scores."""
+    l, _ = colorspace.rgb_uint8_to_l_ab(rgb_uint8)
+    ab = apply_fn(variables, l, train=False).astype(jnp.float32)
+    return colorspace.lab_to_rgb_uint8(colorspace.lab_from_l_ab(l, ab))
+
+
+def eval_step(apply_fn, variables: Any, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-image prediction and scores of one batch (padding rows are scored too; mask them)."""
+    pred = predict_rgb(apply_fn, variables, batch["rgb"])
+    true = batch["rgb"]
+    return {"pred_rgb": pred, "psnr": metrics.psnr(pred, true), "ssim": metrics.ssim(pred, true),
+            "ssim_gaussian": metrics.ssim(pred, true, gaussian=True),
+            "colorfulness": metrics.colorfulness(pred)}
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_eval_step(apply_fn):
     """The jitted eval step of one model: evaluating it again reuses the compilation."""
-    return jax.jit(functools.partial(train.eval_step, apply_fn))
+    return jax.jit(functools.partial(eval_step, apply_fn))
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
+def comparison_grid(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """One row per image: its gray version (ab = 0) | the prediction | the ground truth."""
+    l, _ = colorspace.rgb_uint8_to_l_ab(jnp.asarray(truth))
+    gray = np.asarray(colorspace.lab_to_rgb_uint8(colorspace.lab_from_l_ab(l, jnp.zeros_like(l).repeat(2, -1))))
+    return reporting.image_grid([[g, p, t] for g, p, t in zip(gray, pred, truth)])
 
 
 def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_size: int = 16,
@@ -247,7 +267,7 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
                          "use --overwrite or another --out")
     os.makedirs(out_dir, exist_ok=True)
     mesh = parallel.make_mesh(num_devices)
-    global_batch = _round_up(batch_size, mesh.size)
+    global_batch = parallel.round_up_to_devices(batch_size, mesh)
     if global_batch != batch_size:
         logging.info("batch size %d rounded up to %d (a multiple of the %d devices)", batch_size,
                      global_batch, mesh.size)
@@ -263,7 +283,7 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
     def collect(k: int, batch: dict[str, np.ndarray], out: dict[str, jax.Array], placed: dict) -> None:
         scores.add(_gather(out, placed))
         if save_images:
-            _save_images(images, out_dir, batch, train.local_rows(out["pred_rgb"]))
+            _save_images(images, out_dir, batch, parallel.local_rows(out["pred_rgb"]))
         if (k + 1) % every == 0 or k + 1 == num_batches:
             progress.update(k + 1)
 
@@ -324,7 +344,7 @@ def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], glob
     wanted = list(grid_ids.values())
     truth = {i: images.read(i) for i in set(wanted)}
     blank = np.zeros_like(truth[wanted[0]])
-    rows = [*wanted, *[-1] * (_round_up(len(wanted), global_batch) - len(wanted))]
+    rows = [*wanted, *[-1] * (-len(wanted) % global_batch)]  # Padded to whole global batches.
     local = global_batch // jax.process_count()
     predicted = {}
     for start in range(0, len(rows), global_batch):
@@ -333,7 +353,7 @@ def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], glob
                  "mask": np.array([i >= 0 for i in mine])}
         host = _gather(*_dispatch(eval_fn, variables, batch, mesh), keys=("pred_rgb",))
         predicted.update({int(i): p for i, p in zip(host["id"], host["pred_rgb"]) if i >= 0})
-    return train.comparison_grid(np.stack([truth[i] for i in wanted]), np.stack([predicted[i] for i in wanted]))
+    return comparison_grid(np.stack([truth[i] for i in wanted]), np.stack([predicted[i] for i in wanted]))
 
 
 def _statistics(values: np.ndarray, count_infinite: bool = False) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from smsanet_jax import checkpointing, config_util, train
+from smsanet_jax import checkpointing, config_util, convert, train
 
 BASELINES = ("gray",)
 
@@ -49,18 +49,6 @@ def params_sha256(variables: Mapping[str, Any]) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
         digest.update(leaf.tobytes())
     return digest.hexdigest()
-
-
-def shape_mismatches(loaded: Any, expected: Any) -> list[str]:
-    """Every leaf path that is missing, unexpected or differently shaped in `loaded` (vs `expected`)."""
-    flat = lambda tree: {jax.tree_util.keystr(p): tuple(np.shape(v))
-                         for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    have, want = flat(loaded), flat(expected)
-    errors = [f"{k}: missing from the file" for k in sorted(set(want) - set(have))]
-    errors += [f"{k}: not in the model" for k in sorted(set(have) - set(want))]
-    errors += [f"{k}: shape {have[k]} in the file, {want[k]} in the model"
-               for k in sorted(set(have) & set(want)) if have[k] != want[k]]
-    return errors
 
 
 def load_colorizer(*, workdir: str | None = None, params: str | None = None, config: str | None = None,
@@ -106,7 +94,7 @@ def load_colorizer(*, workdir: str | None = None, params: str | None = None, con
         size = cfg.image_size
         expected = jax.eval_shape(model.init, jax.random.key(0),
                                   jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
-        errors = shape_mismatches(variables, expected)
+        errors = convert.shape_errors(variables, expected)
         if errors:
             raise ValueError(f"{params} does not fit the network of {config}:\n  " + "\n  ".join(errors[:20])
                              + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))

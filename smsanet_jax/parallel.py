@@ -64,6 +64,17 @@ def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     return global_batch_size // jax.process_count()
 
 
+def local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order, on the host."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    return np.concatenate([np.asarray(s.data) for s in shards])
+
+
+def round_up_to_devices(batch_size: int, mesh: Mesh) -> int:
+    """The smallest multiple of the mesh's device count that is at least `batch_size`."""
+    return -(-batch_size // mesh.size) * mesh.size
+
+
 def make_global(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
     """Assembles each process's local slice of the batch into one batch-sharded global array."""
     sharding = batch_sharded(mesh)

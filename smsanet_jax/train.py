@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -18,8 +19,9 @@ import ml_collections
 import numpy as np
 import optax
 from flax.training import train_state
+from PIL import Image
 
-from smsanet_jax import checkpointing, colorspace, data, losses, metrics, parallel, reporting
+from smsanet_jax import checkpointing, colorspace, data, losses, parallel, reporting
 from smsanet_jax.models import SMSANet
 from smsanet_jax.models import pfanet as pfanet_lib
 
@@ -62,12 +64,6 @@ def build_model(config: ml_collections.ConfigDict) -> nn.Module:
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     o = config.optimizer
     return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
-
-
-def split_lab(rgb_uint8: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """uint8 RGB [N,H,W,3] -> (L [N,H,W,1], ab [N,H,W,2]), computed on the device."""
-    lab = colorspace.rgb_to_lab(rgb_uint8.astype(jnp.float32) / 255.0)
-    return lab[..., :1], lab[..., 1:]
 
 
 def _init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
@@ -142,7 +138,7 @@ def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> A
 def train_step(state: TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *,
                settings: LossSettings) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam update on a global batch of uint8 RGB images; BN statistics span the global batch."""
-    l, ab = split_lab(batch["rgb"])
+    l, ab = colorspace.rgb_uint8_to_l_ab(batch["rgb"])
     saliency_fn = None
     if settings.alpha:
         saliency_fn = functools.partial(
@@ -167,22 +163,6 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     replicated = parallel.replicated(mesh)
     return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
                    out_shardings=(replicated, replicated), donate_argnums=0)
-
-
-def predict_rgb(apply_fn, variables: Any, rgb_uint8: jax.Array) -> jax.Array:
-    """Ground-truth L + predicted ab -> uint8 RGB (rounded), the image every metric scores."""
-    l, _ = split_lab(rgb_uint8)
-    ab = apply_fn(variables, l, train=False)
-    return colorspace.lab_to_rgb_uint8(jnp.concatenate([l, ab.astype(jnp.float32)], axis=-1))
-
-
-def eval_step(apply_fn, variables: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Per-image prediction and scores of one batch (padding rows are scored too; mask them)."""
-    pred = predict_rgb(apply_fn, variables, batch["rgb"])
-    true = batch["rgb"]
-    return {"pred_rgb": pred, "psnr": metrics.psnr(pred, true), "ssim": metrics.ssim(pred, true),
-            "ssim_gaussian": metrics.ssim(pred, true, gaussian=True),
-            "colorfulness": metrics.colorfulness(pred)}
 
 
 def load_trained(workdir: str, step: int | None = None
@@ -251,45 +231,6 @@ def _data_dir(config) -> str | None:
     return config.data.data_dir or None
 
 
-def _evaluate(config, variables, mesh, eval_fn, max_batches: int | None = None
-              ) -> tuple[dict[str, float], np.ndarray]:
-    """Mean scores over the held-out images, and a gray | prediction | truth grid of the first batch."""
-    loader = data.make_eval_loader(
-        name=config.data.name, split=config.data.eval_split, data_dir=_data_dir(config),
-        image_size=config.image_size,
-        local_batch_size=parallel.local_batch_size(config.eval_batch_size, mesh),
-        num_examples=config.eval_num_examples, seed=config.seed)
-    sums, grid = {}, None
-    for i, batch in enumerate(loader):
-        if max_batches is not None and i >= max_batches:
-            break
-        global_batch = parallel.make_global({"rgb": batch["rgb"], "mask": batch["mask"]}, mesh)
-        out = eval_fn(variables, global_batch)
-        mask = global_batch["mask"]
-        totals = {k: jnp.sum(jnp.where(mask, out[k], 0.0)) for k in ("psnr", "ssim", "ssim_gaussian")}
-        for k, v in jax.device_get({**totals, "count": jnp.sum(mask)}).items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-        if grid is None:
-            real = np.flatnonzero(batch["mask"])[:4]
-            grid = comparison_grid(batch["rgb"][real], local_rows(out["pred_rgb"])[real])
-    count = max(sums.pop("count"), 1.0)
-    return {f"eval/{k}": v / count for k, v in sums.items()}, grid
-
-
-def local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of a batch-sharded global array, in order."""
-    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
-
-
-def comparison_grid(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """One row per image: its gray version (ab = 0) | the prediction | the ground truth."""
-    l, _ = split_lab(jnp.asarray(truth))
-    gray = np.asarray(colorspace.lab_to_rgb_uint8(
-        jnp.concatenate([l, jnp.zeros(l.shape[:3] + (2,), l.dtype)], axis=-1)))
-    return reporting.image_grid([[g, p, t] for g, p, t in zip(gray, pred, truth)])
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (resuming from `workdir` if it has a checkpoint) to `config.num_train_steps`."""
     os.makedirs(workdir, exist_ok=True)
@@ -302,7 +243,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     abstract = abstract_train_state(config, model, mesh)
     pfanet_variables = load_pfanet(config, mesh)
     step_fn = jit_train_step(config, mesh)
-    eval_fn = jax.jit(functools.partial(eval_step, model.apply))
 
     loader = data.make_train_loader(
         name=config.data.name, split=config.data.train_split, data_dir=_data_dir(config),
@@ -344,10 +284,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                       "train/images_per_second": rate})
                 if lead:
                     _append_ids(workdir, step, batch["id"])
-            full_eval = last or (config.eval_every_steps and step % config.eval_every_steps == 0)
-            if full_eval or step % config.image_every_steps == 0:
-                _report_eval(config, state, mesh, eval_fn, writer, workdir, step,
-                             max_batches=None if full_eval else 1)
+            if last or step % config.eval_every_steps == 0:
+                _report_eval(config, state, writer, workdir, step)
             if saving:
                 checkpointer.save(step, state, batches, meta)
             if stopping:
@@ -366,13 +304,23 @@ def _append_ids(workdir: str, step: int, ids: np.ndarray) -> None:
         f.write(json.dumps({"step": step, "ids": np.asarray(ids).tolist()}) + "\n")
 
 
-def _report_eval(config, state, mesh, eval_fn, writer, workdir, step, max_batches) -> None:
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    scores, grid = _evaluate(config, variables, mesh, eval_fn, max_batches)
-    if max_batches is None:
-        writer.scalars(step, scores)
-        logging.info("step %d eval: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
-    writer.image(step, "eval/gray_prediction_truth", grid)
+def _report_eval(config, state, writer, workdir, step) -> None:
+    """The evaluation protocol on held-out images: a report in eval/step_N, scalars and a grid."""
+    # evaluate -> inference -> train: imported here, when first needed.
+    from smsanet_jax import evaluate, inference  # pylint: disable=import-outside-toplevel
+
+    colorizer = inference.Colorizer(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
+                                    {"source": workdir, "step": step, "params_sha256": None,
+                                     "config": checkpointing.jsonable(config.to_dict())})
+    images = evaluate.DatasetImages(config.data.name, config.data.eval_split,
+                                    data_dir=_data_dir(config), image_size=config.image_size,
+                                    num_images=config.eval_num_examples, seed=config.seed)
+    out_dir = os.path.join(workdir, "eval", f"step_{step:07d}")
+    summary = evaluate.evaluate(colorizer, images, out_dir, batch_size=config.eval_batch_size,
+                                num_devices=config.num_devices, overwrite=True, stream=io.StringIO())
+    writer.scalars(step, {f"eval/{k}": summary[k]["mean"] for k in evaluate.METRICS})
+    logging.info("step %d eval on %d images: %s", step, summary["n"],
+                 ", ".join(f"{k} {summary[k]['mean']:.4f}" for k in evaluate.METRICS))
     if jax.process_index() == 0:
-        os.makedirs(os.path.join(workdir, "images"), exist_ok=True)
-        reporting.write_png(os.path.join(workdir, "images", f"step_{step:07d}.png"), grid)
+        grid = np.asarray(Image.open(os.path.join(out_dir, "grid.png")).convert("RGB"))
+        writer.image(step, "eval/gray_prediction_truth", grid)

@@ -52,7 +52,9 @@ def test_train_writes_artefacts_and_continues(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config_for(data_dir), workdir)
     assert os.path.isfile(os.path.join(workdir, "config.json"))
-    assert sorted(os.listdir(os.path.join(workdir, "images")))[-1] == "step_0000004.png"
+    assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["step_0000002", "step_0000004"]
+    for name in ("summary.json", "per_image.csv", "images.txt", "grid.png"):
+        assert os.path.isfile(os.path.join(workdir, "eval", "step_0000004", name))
     records = [r for r in read_jsonl(os.path.join(workdir, "tensorboard", "metrics.jsonl"))
                if "train/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]

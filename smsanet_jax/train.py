@@ -235,9 +235,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     """Trains (resuming from `workdir` if it has a checkpoint) to `config.num_train_steps`."""
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
-    if lead:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
     mesh = parallel.make_mesh(config.num_devices)
     model = build_model(config)
     abstract = abstract_train_state(config, model, mesh)
@@ -260,6 +257,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         logging.info("resumed from step %d in %s", start, workdir)
     else:
         state = create_train_state(config, model, mesh)
+    if lead:  # Only now: a config the checkpoint rejected must not replace the workdir's own.
+        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+            f.write(config.to_json_best_effort(indent=2))
 
     writer = reporting.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=lead)
     progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)

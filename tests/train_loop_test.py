@@ -82,6 +82,7 @@ def test_model_shape_change_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.width"):
         train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=3",
                                             "--config.model.width=16"), workdir)
+    assert train.load_trained(workdir)[0].model.width == 8  # The workdir's config is kept.
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):

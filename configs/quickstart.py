@@ -10,7 +10,7 @@ from configs import smsanet
 
 def get_config():
     c = smsanet.get_config()
-    c.num_train_steps = 500
+    c.num_train_steps = 1000
     c.global_batch_size = 8
     c.image_size = 64
     c.optimizer.learning_rate = 1e-3  # From scratch and short: the paper's 1e-5 fine-tunes.
@@ -20,8 +20,8 @@ def get_config():
     c.data.num_workers = 0
     c.data.gray_threshold = 0.0
     c.log_every_steps = 10
-    c.checkpoint_every_steps = 100
-    c.eval_every_steps = 100
+    c.checkpoint_every_steps = 200
+    c.eval_every_steps = 200
     c.eval_num_examples = 8
     c.eval_batch_size = 8
     return c

@@ -34,12 +34,12 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 1, read_only: bool = False):
         self.directory = epath.Path(workdir) / "checkpoints"
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=not read_only,
-                read_only=read_only, enable_async_checkpointing=True),
-            item_names=("state", "data", "meta"))
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+        else:
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

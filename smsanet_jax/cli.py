@@ -98,7 +98,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smsanet-jax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="smsanet-jax", description="SMSANet image colorization in JAX: train, evaluate, colorize.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 

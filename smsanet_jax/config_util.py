@@ -29,5 +29,10 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     argv = ["smsanet-jax", f"--config={config_path}", *overrides]
     flag_values = flags.FlagValues()
     config_flags.DEFINE_config_file("config", flag_values=flag_values, lock_config=True, sys_argv=argv)
-    flag_values(argv)
-    return flag_values.config
+    try:
+        flag_values(argv)
+        return flag_values.config
+    except (flags.Error, AttributeError, KeyError, TypeError) as e:
+        # absl/ml_collections report a misspelt key as e.g. AttributeError("'nokey'").
+        raise ValueError(f"{path} with {' '.join(overrides) or 'no overrides'}: {e} "
+                         "(keys and value types are fixed by the config file)") from e

@@ -190,9 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     if not args.verbose:
-        # orbax, grain and jax log every internal step at INFO (through absl).
+        # orbax, grain and jax log every internal step (through absl), and warn about routine things.
         for name in ("absl", "jax", "orbax"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+            logging.getLogger(name).setLevel(logging.ERROR)
     try:
         status = args.run(args, overrides)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:

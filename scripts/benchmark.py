@@ -1,6 +1,6 @@
 """Training and inference speed on the current backend, side by side with the PyTorch reference.
 
-  .venv/bin/python scripts/benchmark.py --out results.json            # everything, ~30 min on 2 CPU cores
+  .venv/bin/python scripts/benchmark.py --out results.json            # everything: 6 min on 2 idle CPU cores
   .venv/bin/python scripts/benchmark.py --models smsanet --batches 1  # the headline row only
   .venv/bin/python scripts/benchmark.py --quick --out /tmp/b.json     # tiny sizes: a smoke test
 
@@ -176,7 +176,8 @@ def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: di
 
     row = {**row, "framework": "jax", "batch": config.global_batch_size, "image_size": config.image_size,
            "width": config.model.width, "dtype": config.dtype, "conv_impl": ops.resolve_impl(config.conv_impl),
-           "devices": mesh.size, "compile_seconds": compile_seconds, "memory_bytes": _memory(compiled),
+           "device": mesh.devices.flat[0].device_kind, "devices": mesh.size, "compile_seconds": compile_seconds,
+           "memory_bytes": _memory(compiled),
            "flops_per_image": lowered_flops_per_image(config_file, overrides),
            # The executable's cost analysis describes one device's share of the partitioned step.
            "compiled_flops_per_image": (compiled_flops * mesh.size / config.global_batch_size
@@ -236,7 +237,8 @@ def torch_training(batch: int, size: int, width: int, threads: int, flops_per_im
             torch.cuda.synchronize()
 
     row = {"kind": "training", "model": "basenet", "label": "BaseNet, PyTorch", "framework": "pytorch",
-           "batch": batch, "image_size": size, "width": width, "dtype": "float32", "device": device,
+           "batch": batch, "image_size": size, "width": width, "dtype": "float32",
+           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
            "threads": torch.get_num_threads(), "torch_version": torch.__version__,
            "flops_per_image": flops_per_image}
     return Contestant(f"pytorch basenet b{batch}", step, batch, sync=sync, row=row)
@@ -246,7 +248,8 @@ def matmul(n: int, dtype: str) -> Contestant:
     """An n x n x n matmul on the first device: the FLOP/s every step is compared with."""
     a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.dtype(dtype))
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    row = {"kind": "matmul", "label": f"matmul {n}x{n}", "dtype": dtype, "n": n, "flops": 2.0 * n ** 3}
+    row = {"kind": "matmul", "label": f"matmul {n}x{n}", "dtype": dtype, "n": n, "flops": 2.0 * n ** 3,
+           "device": jax.devices()[0].device_kind}
     return Contestant(f"matmul {dtype}", lambda: compiled(a, b), 1, row=row)
 
 
@@ -322,7 +325,8 @@ def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[
             bench_inference._photos(photos, args.inference_images, (width, height))
             row = {"kind": "inference", "name": f"colorize {width}x{height}", "label": f"colorize {width}x{height}",
                    "photo_size": [width, height], "network_size": size, "batch": args.inference_images,
-                   "width": colorizer.provenance["config"]["model"]["width"], "dtype": "float32"}
+                   "width": colorizer.provenance["config"]["model"]["width"], "dtype": "float32",
+                   "device": jax.devices()[0].device_kind}
             contestants.append(colorize_run(colorizer, photos, os.path.join(tmp, f"out_{width}x{height}"),
                                             args.inference_images, size, args.devices, row))
         return interleave(contestants, args.repeats, args.min_time)
@@ -414,16 +418,16 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The run as a markdown table, with the machine and the headline numbers underneath."""
-    lines = ["| measurement | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
+    lines = ["| measurement | device | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
              "| of peak | vs PyTorch | compiled memory GB |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in (r for key in GROUPS for r in results[key]):
         size = (f"{r['photo_size'][0]}x{r['photo_size'][1]} -> {r['network_size']}" if r["kind"] == "inference"
                 else f"{r['n']}^3" if r["kind"] == "matmul" else f"{r['image_size']}, width {r['width']}")
         impl = f", {r['conv_impl']} convs" if r.get("conv_impl") else ""
         memory = (r.get("memory_bytes") or {}).get("total")
         lines.append(
-                f"| {r['label']}{impl} | {r['dtype']} | {r.get('batch', '')} | {size} | "
+                f"| {r['label']}{impl} | {r['device']} | {r['dtype']} | {r.get('batch', '')} | {size} | "
                 f"{_fmt(r['images_per_second'], '.3g') if r['kind'] != 'matmul' else ''} | "
                 f"{r['step_seconds_median']:.3g} | {_fmt(r.get('flops_per_image'), '.1f', 1e9)} | "
                 f"{_fmt(r.get('flops_per_second'), '.1f', 1e9)} | {_fmt(r.get('fraction_of_peak'), '.0%')} | "

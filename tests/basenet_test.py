@@ -14,21 +14,10 @@ import torch
 from smsanet_jax import convert
 from smsanet_jax.models import BaseNet
 from tests import torch_siggraph17
+from tests.torch_utils import perturb_batch_norms
 
 WIDTH, BATCH, SIZE = 64, 2, 64  # The released network's channels, on small images.
 PARITY_TOLERANCE = 1e-3  # Raw ab units.
-
-
-def perturb_batch_norms(model, seed):
-    """Moves every BN's affine params and running stats away from their defaults, so they matter."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0, 0.2, generator=gen)
-                m.running_mean.normal_(0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
 
 
 def state_dict_numpy(model):

@@ -14,6 +14,7 @@ from PIL import Image
 from smsanet_jax import checkpointing, cli, colorize, config_util, convert, inference, parallel, train
 from smsanet_jax.models import pfanet
 from tests import torch_pfanet, torch_siggraph17
+from tests.torch_utils import perturb_batch_norms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 8
@@ -27,21 +28,10 @@ def run_cli(args, capsys):
     return exit_info.value.code, capsys.readouterr().err
 
 
-def randomise_batch_norms(model, seed):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.running_mean.normal_(0, 0.2, generator=gen)
-                m.running_var.uniform_(0.5, 2.0, generator=gen)
-    return model
-
-
 @pytest.fixture(scope="module")
 def siggraph17_pth(tmp_path_factory):
     torch.manual_seed(0)
-    model = randomise_batch_norms(torch_siggraph17.SIGGRAPH17(width=WIDTH), 1)
+    model = perturb_batch_norms(torch_siggraph17.SIGGRAPH17(width=WIDTH), 1)
     path = tmp_path_factory.mktemp("siggraph17") / "siggraph17.pth"
     torch.save(model.state_dict(), path)
     return path, {k: v.numpy() for k, v in model.state_dict().items()}
@@ -50,7 +40,7 @@ def siggraph17_pth(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pfanet_pth(tmp_path_factory):
     torch.manual_seed(0)
-    model = randomise_batch_norms(torch_pfanet.SODModel(), 2).eval()
+    model = perturb_batch_norms(torch_pfanet.SODModel(), 2).eval()
     path = tmp_path_factory.mktemp("pfanet") / "best-model.pth"
     # The PyTorch port's checkpoint format: the state dict under "model", numbers beside it.
     torch.save({"epoch": 204, "test_mae": np.float32(0.0505), "model": model.state_dict()}, path)

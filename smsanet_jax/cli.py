@@ -8,9 +8,13 @@ import sys
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    import jax  # pylint: disable=import-outside-toplevel
+
     from smsanet_jax import config_util, parallel, train  # pylint: disable=import-outside-toplevel
 
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if jax.process_index() > 0:  # One voice: the other processes report only problems.
+        logging.getLogger().setLevel(logging.WARNING)
     config = config_util.load_config(args.config, overrides)
     train.train_and_evaluate(config, args.workdir)
     return 0

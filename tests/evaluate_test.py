@@ -5,7 +5,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -18,6 +17,7 @@ from skimage import color, metrics as skmetrics
 from smsanet_jax import checkpointing, cli, evaluate, inference
 from smsanet_jax.data import decode, transforms
 from tests import tiny_checkpoint
+from tests.net_utils import free_port
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png")
 
@@ -203,12 +203,6 @@ def test_a_weights_file_with_its_config_scores_like_the_workdir(folder_report, f
     assert loaded.provenance["params_sha256"] == summary["model"]["params_sha256"]
     again = evaluate.evaluate(loaded, evaluate.FolderImages(folder), str(tmp_path / "again"), batch_size=4)
     assert again["psnr"]["mean"] == pytest.approx(summary["psnr"]["mean"], rel=1e-6)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

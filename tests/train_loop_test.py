@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from smsanet_jax import checkpointing, config_util, losses, train
+from tests.net_utils import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -142,12 +142,6 @@ def test_sigterm_saves_exits_zero_and_resumes_exactly(data_dir, tmp_path):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     chex.assert_trees_all_equal(final_params(straight)[0], final_params(stopped)[0])
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

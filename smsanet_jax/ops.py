@@ -8,6 +8,8 @@ Each op has two implementations with identical parameters and results:
   to a convolution with an H x W window, which falls to a third of that rate on large images; the
   weight gradient of the transposed (input-dilated) convolution takes 30-300x as long as its
   forward pass; and a 1x1 convolution takes a generic loop several times slower than the matmul it is.
+  3x3 convolutions with at least 64 input and output channels go further: Winograd F(2x2, 3x3),
+  2.25x fewer multiplications than any direct form, in the forward pass and both gradients.
 
 "auto" picks "cpu" on the CPU backend and "xla" elsewhere.
 """
@@ -70,6 +72,8 @@ def conv2d(
     if resolve_impl(impl) == "cpu":
         if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
             return _conv1x1(x, kernel)
+        if _fits_winograd(x, kernel, padding, dilation):
+            return _conv3x3_winograd(x, kernel, dilation[0])
         if _fits_shifted_vjp(kernel.shape, padding, dilation):
             return _conv_shifted_vjp(x, kernel, padding, dilation)
     return lax.conv_general_dilated(
@@ -209,6 +213,138 @@ _conv_shifted_vjp.defvjp(_conv_shifted_vjp_fwd, _conv_shifted_vjp_bwd)
 # compile one executable instead of one per primitive (20 s for a small BaseNet); an outer jit
 # inlines it.
 _conv_shifted_vjp = jax.jit(_conv_shifted_vjp, static_argnums=(2, 3))
+
+
+# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
+# each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A for its 4x4 input tile d and the 3x3
+# kernel g. Over all tiles and channels the elementwise product is 16 matmuls [tiles, I] x [I, O]:
+# 16 multiplications per output tile and channel pair instead of 36, 2.25x fewer FLOPs for the
+# wide 3x3 convolutions, whose direct forms already run at the matmul peak. The gradients are the
+# adjoint: dy is transformed once (A), and two more sets of 16 matmuls give the tiles' and the
+# transformed kernel's gradients. In float32 it agrees with the direct convolution to ~1e-6
+# relative: the transforms only add, subtract and halve.
+_WINOGRAD_B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
+_WINOGRAD_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Below this many input or output channels the transforms' memory traffic outweighs the saved
+# multiplications on XLA:CPU (fwd + bwd, batch 1, against `_conv_shifted_vjp`: BaseNet's 3x3
+# layers 1.1-1.8x faster, the 4 -> 64 input layer 2.6x and a 512 -> 32 one 1.2x slower).
+_WINOGRAD_MIN_CHANNELS = 64
+
+
+def _fits_winograd(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int]) -> bool:
+    """Whether `_conv3x3_winograd` serves this conv: a wide, 'same'-padded 3x3, float32 or float64."""
+    d = dilation[0]
+    return (kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
+            and min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS
+            and x.dtype in (jnp.float32, jnp.float64))
+
+
+def _combine(matrix, terms: list[jax.Array], axis: int) -> jax.Array:
+    """jnp.stack([sum_i M[a][i] terms[i] for each row a of M], axis) for a small constant matrix M.
+
+    Written out term by term (the matrices hold 0, +-1 and +-0.5) rather than as a dot, so that XLA
+    fuses the whole stack into one elementwise loop. The 2-D transforms apply this along rows,
+    then along columns: 4 terms per fusion, where the 16 of a one-pass transform end up as 16
+    fusions and a copy.
+    """
+    rows = []
+    for coefficients in matrix:
+        total = None
+        for weight, term in zip(coefficients, terms):
+            if weight:
+                term = term if weight == 1 else -term if weight == -1 else weight * term
+                total = term if total is None else total + term
+        rows.append(total)
+    return jnp.stack(rows, axis)
+
+
+def _transposed(matrix):
+    return tuple(zip(*matrix))
+
+
+# The 16 transformed planes are ordered (column, row) of the 4x4 tile: plane 4c + r.
+def _winograd_input_tiles(x: jax.Array) -> jax.Array:
+    """[N, H, W, I] (H, W even) -> [16, N * H/2 * W/2, I]: B^T d B of every 4x4 tile of the padded x."""
+    n, h, w, cin = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Tile (p, q) starts at padded pixel (2p, 2q).
+    rows = _combine(_WINOGRAD_B_T, [padded[:, i:i + h:2] for i in range(4)], 0)  # [4r, N, H/2, W+2, I]
+    tiles = _combine(_WINOGRAD_B_T, [rows[:, :, :, j:j + w:2] for j in range(4)], 0)  # [4c, 4r, N, H/2, W/2, I]
+    return tiles.reshape(16, -1, cin)
+
+
+def _winograd_kernel_tiles(kernel: jax.Array) -> jax.Array:
+    """[3, 3, I, O] -> [16, I, O]: G g G^T."""
+    rows = _combine(_WINOGRAD_G, [kernel[i] for i in range(3)], 0)  # [4r, 3, I, O]
+    return _combine(_WINOGRAD_G, [rows[:, j] for j in range(3)], 0).reshape(16, *kernel.shape[2:])
+
+
+def _winograd_kernel_adjoint(dkernel_tiles: jax.Array) -> jax.Array:
+    """The adjoint of `_winograd_kernel_tiles`: [16, I, O] -> [3, 3, I, O]."""
+    dkernel_tiles = dkernel_tiles.reshape(4, 4, *dkernel_tiles.shape[1:])  # [4c, 4r, I, O]
+    rows = _combine(_transposed(_WINOGRAD_G), [dkernel_tiles[:, i] for i in range(4)], 0)  # [3r, 4c, I, O]
+    return _combine(_transposed(_WINOGRAD_G), [rows[:, j] for j in range(4)], 1)
+
+
+def _winograd_output(products: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """[16, T, O] -> [N, H, W, O] for the input shape [N, H, W, I]: A^T m A, tiles put in place."""
+    n, h, w = shape[:3]
+    products = products.reshape(4, 4, n, h // 2, w // 2, -1)  # [4c, 4r, N, H/2, W/2, O]
+    rows = _combine(_WINOGRAD_A_T, [products[:, i] for i in range(4)], 3)  # [4c, N, H/2, 2, W/2, O]
+    y = _combine(_WINOGRAD_A_T, [rows[j] for j in range(4)], 4)  # [N, H/2, 2, W/2, 2, O]
+    return y.reshape(n, h, w, -1)
+
+
+def _winograd_output_adjoint(dy: jax.Array) -> jax.Array:
+    """The adjoint of `_winograd_output`: [N, H, W, O] -> [16, T, O], A dy A^T per 2x2 tile."""
+    rows = _combine(_transposed(_WINOGRAD_A_T), [dy[:, i::2] for i in range(2)], 0)  # [4r, N, H/2, W, O]
+    tiles = _combine(_transposed(_WINOGRAD_A_T), [rows[:, :, :, j::2] for j in range(2)], 0)
+    return tiles.reshape(16, -1, dy.shape[-1])
+
+
+@jax.custom_vjp
+def _winograd_f2x2_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """'Same' 3x3 correlation of [N, H, W, I] with even H and W by Winograd F(2x2, 3x3)."""
+    return _winograd_f2x2_3x3_fwd(x, kernel)[0]
+
+
+def _winograd_f2x2_3x3_fwd(x, kernel):
+    tiles, kernel_tiles = _winograd_input_tiles(x), _winograd_kernel_tiles(kernel)
+    y = _winograd_output(jnp.matmul(tiles, kernel_tiles, preferred_element_type=x.dtype), x.shape)
+    return y, (tiles, kernel_tiles)
+
+
+def _winograd_f2x2_3x3_bwd(residuals, dy):
+    tiles, kernel_tiles = residuals
+    dproducts = _winograd_output_adjoint(dy)
+    dtiles = jnp.einsum("tpo,tio->tpi", dproducts, kernel_tiles, preferred_element_type=dy.dtype)
+    x_shape = jax.ShapeDtypeStruct((*dy.shape[:3], tiles.shape[-1]), dy.dtype)
+    (dx,) = jax.linear_transpose(_winograd_input_tiles, x_shape)(dtiles)
+    dkernel_tiles = jnp.einsum("tpi,tpo->tio", tiles, dproducts, preferred_element_type=dy.dtype)
+    return dx, _winograd_kernel_adjoint(dkernel_tiles)
+
+
+_winograd_f2x2_3x3.defvjp(_winograd_f2x2_3x3_fwd, _winograd_f2x2_3x3_bwd)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    """'Same' 3x3 correlation with dilation d, by `_winograd_f2x2_3x3` on the d x d pixel phases.
+
+    With dilation d, pixels whose coordinates agree modulo d only meet each other: each of the
+    d * d phases is an undilated convolution. Zero rows and columns appended up to a multiple of
+    2d are the convolution's own zero padding, so cropping them leaves the exact result.
+    """
+    n, h, w, cin = x.shape
+    d = dilation
+    rows, cols = -(-h // (2 * d)) * 2 * d, -(-w // (2 * d)) * 2 * d
+    x = jnp.pad(x, ((0, 0), (0, rows - h), (0, cols - w), (0, 0)))
+    phases = (x.reshape(n, rows // d, d, cols // d, d, cin).transpose(2, 4, 0, 1, 3, 5)
+              .reshape(d * d * n, rows // d, cols // d, cin))
+    y = _winograd_f2x2_3x3(phases, kernel)
+    y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
+    return y[:, :h, :w]
 
 
 # The 4x4 stride-2 transposed convolution by output phases. Output pixel (2m + a, 2n + b) only

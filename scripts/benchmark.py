@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_inference  # Beside this file: photo folders and random-weight files for `colorize`.
-from smsanet_jax import colorize, colorspace, config_util, inference, ops, parallel, train
+from smsanet_jax import colorize, colorspace, config_util, host_memory, inference, ops, parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -386,7 +386,9 @@ def machine() -> dict[str, Any]:
     return {"backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
             "cpu_model": cpu_model, "cpu_threads": _cpu_threads(), "jax_version": jax.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gb": _total_memory_gb()}
+            "memory_gb": _total_memory_gb(),
+            # `smsanet_jax.host_memory`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
 
 def peak_memory(devices: int) -> dict[str, Any]:
@@ -564,4 +566,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    host_memory.reexec_with_tuned_malloc()
     main()

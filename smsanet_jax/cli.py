@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from smsanet_jax import host_memory
+
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
     import jax  # pylint: disable=import-outside-toplevel
@@ -185,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `smsanet-jax` program; `argv` None reads the command line (and may restart the process)."""
+    if argv is None:  # A program, not a call from Python: its malloc is ours to tune.
+        host_memory.reexec_with_tuned_malloc()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     overrides = [u for u in unknown if u.startswith("--config.")]

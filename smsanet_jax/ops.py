@@ -17,6 +17,7 @@ Each op has two implementations with identical parameters and results:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 from jax import lax
@@ -98,6 +99,8 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto"
     if kernel.shape[:2] != (4, 4):
         raise ValueError(f"conv_transpose_4x4_s2 needs a 4x4 kernel, got {kernel.shape}")
     if resolve_impl(impl) == "cpu":
+        if _fits_winograd(x, kernel):
+            return _conv_transpose_winograd(x, kernel)
         return _conv_transpose_by_phases(x, kernel)
     # A transposed convolution is a correlation of the 2x-dilated input, padded by k - 1 - p = 2,
     # with the spatially flipped kernel.
@@ -215,28 +218,38 @@ _conv_shifted_vjp.defvjp(_conv_shifted_vjp_fwd, _conv_shifted_vjp_bwd)
 _conv_shifted_vjp = jax.jit(_conv_shifted_vjp, static_argnums=(2, 3))
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016):
-# each 2x2 output tile is A^T [(G g G^T) * (B^T d B)] A for its 4x4 input tile d and the 3x3
-# kernel g. Over all tiles and channels the elementwise product is 16 matmuls [tiles, I] x [I, O]:
-# 16 multiplications per output tile and channel pair instead of 36, 2.25x fewer FLOPs for the
-# wide 3x3 convolutions, whose direct forms already run at the matmul peak. The gradients are the
-# adjoint: dy is transformed once (A), and two more sets of 16 matmuls give the tiles' and the
-# transformed kernel's gradients. In float32 it agrees with the direct convolution to ~1e-6
-# relative: the transforms only add, subtract and halve.
-_WINOGRAD_B_T = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
-_WINOGRAD_G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))
-_WINOGRAD_A_T = ((1, 1, 1, 0), (0, 1, -1, -1))
+# Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
+# 2016). F(m x m, r x r) computes each m x m output tile of a valid r x r correlation as
+# A^T [(G g G^T) * (B^T d B)] A from its (m + r - 1)^2 input tile d and the kernel g. Over all
+# tiles and channels the elementwise product is (m + r - 1)^2 matmuls [tiles, I] x [I, O]: with
+# m = 2, 16 multiplications per output tile and channel pair instead of 36 for a 3x3 kernel
+# (2.25x fewer FLOPs) and 9 instead of 16 for the 2x2 kernels of the transposed convolution
+# (1.8x), where the direct forms already run at the matmul peak. The gradients are the adjoint:
+# dy transformed once (A), two more sets of matmuls give the tiles' and the transformed kernel's
+# gradients. In float32 it agrees with the direct correlation to ~1e-6 relative: with m = 2 the
+# transforms only add, subtract and halve.
+class _Winograd(NamedTuple):
+    b_t: tuple[tuple[float, ...], ...]  # [m + r - 1, m + r - 1]
+    g: tuple[tuple[float, ...], ...]  # [m + r - 1, r]
+    a_t: tuple[tuple[float, ...], ...]  # [m, m + r - 1]
+
+
+_F2X2_3X3 = _Winograd(b_t=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+                      g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+                      a_t=((1, 1, 1, 0), (0, 1, -1, -1)))
+_F2X2_2X2 = _Winograd(b_t=((1, -1, 0), (0, 1, 0), (0, -1, 1)), g=((1, 0), (1, 1), (0, 1)), a_t=((1, 1, 0), (0, 1, 1)))
 # Below this many input or output channels the transforms' memory traffic outweighs the saved
-# multiplications on XLA:CPU (fwd + bwd, batch 1, against `_conv_shifted_vjp`: BaseNet's 3x3
+# multiplications on XLA:CPU (fwd + bwd, batch 1, against the direct forms: BaseNet's 3x3
 # layers 1.1-1.8x faster, the 4 -> 64 input layer 2.6x and a 512 -> 32 one 1.2x slower).
 _WINOGRAD_MIN_CHANNELS = 64
 
 
-def _fits_winograd(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int]) -> bool:
-    """Whether `_conv3x3_winograd` serves this conv: a wide, 'same'-padded 3x3, float32 or float64."""
+def _fits_winograd(x: jax.Array, kernel: jax.Array, padding: Padding = ((1, 1), (1, 1)),
+                   dilation: tuple[int, int] = (1, 1)) -> bool:
+    """Whether Winograd serves this conv: wide, float32 or float64, 3x3 ones 'same'-padded."""
     d = dilation[0]
-    return (kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
-            and min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS
+    same_3x3 = kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
+    return ((same_3x3 or kernel.shape[:2] == (4, 4)) and min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS
             and x.dtype in (jnp.float32, jnp.float64))
 
 
@@ -245,8 +258,8 @@ def _combine(matrix, terms: list[jax.Array], axis: int) -> jax.Array:
 
     Written out term by term (the matrices hold 0, +-1 and +-0.5) rather than as a dot, so that XLA
     fuses the whole stack into one elementwise loop. The 2-D transforms apply this along rows,
-    then along columns: 4 terms per fusion, where the 16 of a one-pass transform end up as 16
-    fusions and a copy.
+    then along columns: m + r - 1 terms per fusion, where a one-pass transform's (m + r - 1)^2 end
+    up as as many fusions and a copy.
     """
     rows = []
     for coefficients in matrix:
@@ -263,74 +276,87 @@ def _transposed(matrix):
     return tuple(zip(*matrix))
 
 
-# The 16 transformed planes are ordered (column, row) of the 4x4 tile: plane 4c + r.
-def _winograd_input_tiles(x: jax.Array) -> jax.Array:
-    """[N, H, W, I] (H, W even) -> [16, N * H/2 * W/2, I]: B^T d B of every 4x4 tile of the padded x."""
-    n, h, w, cin = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # Tile (p, q) starts at padded pixel (2p, 2q).
-    rows = _combine(_WINOGRAD_B_T, [padded[:, i:i + h:2] for i in range(4)], 0)  # [4r, N, H/2, W+2, I]
-    tiles = _combine(_WINOGRAD_B_T, [rows[:, :, :, j:j + w:2] for j in range(4)], 0)  # [4c, 4r, N, H/2, W/2, I]
-    return tiles.reshape(16, -1, cin)
+# The transformed planes are ordered (column, row) of the tile: plane (m + r - 1) * c + row.
+def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd) -> jax.Array:
+    """[N, H, W, I] -> [tile planes, tiles, I]: B^T d B of every input tile.
+
+    The output, (H - r + 1) x (W - r + 1), must be a whole number of m x m tiles.
+    """
+    step, size = len(algorithm.a_t), len(algorithm.b_t)
+    out_h, out_w = (x.shape[i] - len(algorithm.g[0]) + 1 for i in (1, 2))
+    # Tile (p, q) starts at pixel (step * p, step * q).
+    rows = _combine(algorithm.b_t, [x[:, i:i + out_h:step] for i in range(size)], 0)  # [row, N, tiles, W, I]
+    tiles = _combine(algorithm.b_t, [rows[:, :, :, j:j + out_w:step] for j in range(size)], 0)
+    return tiles.reshape(size * size, -1, x.shape[-1])
 
 
-def _winograd_kernel_tiles(kernel: jax.Array) -> jax.Array:
-    """[3, 3, I, O] -> [16, I, O]: G g G^T."""
-    rows = _combine(_WINOGRAD_G, [kernel[i] for i in range(3)], 0)  # [4r, 3, I, O]
-    return _combine(_WINOGRAD_G, [rows[:, j] for j in range(3)], 0).reshape(16, *kernel.shape[2:])
+def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
+    """[r, r, I, O] -> [tile planes, I, O]: G g G^T."""
+    r = len(algorithm.g[0])
+    rows = _combine(algorithm.g, [kernel[i] for i in range(r)], 0)  # [row, r, I, O]
+    return _combine(algorithm.g, [rows[:, j] for j in range(r)], 0).reshape(-1, *kernel.shape[2:])
 
 
-def _winograd_kernel_adjoint(dkernel_tiles: jax.Array) -> jax.Array:
-    """The adjoint of `_winograd_kernel_tiles`: [16, I, O] -> [3, 3, I, O]."""
-    dkernel_tiles = dkernel_tiles.reshape(4, 4, *dkernel_tiles.shape[1:])  # [4c, 4r, I, O]
-    rows = _combine(_transposed(_WINOGRAD_G), [dkernel_tiles[:, i] for i in range(4)], 0)  # [3r, 4c, I, O]
-    return _combine(_transposed(_WINOGRAD_G), [rows[:, j] for j in range(4)], 1)
+def _winograd_kernel_adjoint(dkernel_tiles: jax.Array, algorithm: _Winograd) -> jax.Array:
+    """The adjoint of `_winograd_kernel_tiles`: [tile planes, I, O] -> [r, r, I, O]."""
+    size = len(algorithm.b_t)
+    dkernel_tiles = dkernel_tiles.reshape(size, size, *dkernel_tiles.shape[1:])  # [column, row, I, O]
+    g = _transposed(algorithm.g)
+    rows = _combine(g, [dkernel_tiles[:, i] for i in range(size)], 0)  # [r rows, column, I, O]
+    return _combine(g, [rows[:, j] for j in range(size)], 1)
 
 
-def _winograd_output(products: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-    """[16, T, O] -> [N, H, W, O] for the input shape [N, H, W, I]: A^T m A, tiles put in place."""
-    n, h, w = shape[:3]
-    products = products.reshape(4, 4, n, h // 2, w // 2, -1)  # [4c, 4r, N, H/2, W/2, O]
-    rows = _combine(_WINOGRAD_A_T, [products[:, i] for i in range(4)], 3)  # [4c, N, H/2, 2, W/2, O]
-    y = _combine(_WINOGRAD_A_T, [rows[j] for j in range(4)], 4)  # [N, H/2, 2, W/2, 2, O]
+def _winograd_output(products: jax.Array, out_shape: tuple[int, int, int], algorithm: _Winograd) -> jax.Array:
+    """[tile planes, tiles, O] -> [N, H', W', O] (`out_shape` = (N, H', W')): A^T m A, tiles in place."""
+    (n, h, w), step, size = out_shape, len(algorithm.a_t), len(algorithm.b_t)
+    products = products.reshape(size, size, n, h // step, w // step, -1)  # [column, row, N, ...]
+    rows = _combine(algorithm.a_t, [products[:, i] for i in range(size)], 3)  # [column, N, H'/m, m, W'/m, O]
+    y = _combine(algorithm.a_t, [rows[j] for j in range(size)], 4)  # [N, H'/m, m, W'/m, m, O]
     return y.reshape(n, h, w, -1)
 
 
-def _winograd_output_adjoint(dy: jax.Array) -> jax.Array:
-    """The adjoint of `_winograd_output`: [N, H, W, O] -> [16, T, O], A dy A^T per 2x2 tile."""
-    rows = _combine(_transposed(_WINOGRAD_A_T), [dy[:, i::2] for i in range(2)], 0)  # [4r, N, H/2, W, O]
-    tiles = _combine(_transposed(_WINOGRAD_A_T), [rows[:, :, :, j::2] for j in range(2)], 0)
-    return tiles.reshape(16, -1, dy.shape[-1])
+def _winograd_output_adjoint(dy: jax.Array, algorithm: _Winograd) -> jax.Array:
+    """The adjoint of `_winograd_output`: [N, H', W', O] -> [tile planes, tiles, O], A dy A^T per tile."""
+    step, a = len(algorithm.a_t), _transposed(algorithm.a_t)
+    rows = _combine(a, [dy[:, i::step] for i in range(step)], 0)  # [row, N, H'/m, W', O]
+    tiles = _combine(a, [rows[:, :, :, j::step] for j in range(step)], 0)
+    return tiles.reshape(len(a) ** 2, -1, dy.shape[-1])
 
 
-@jax.custom_vjp
-def _winograd_f2x2_3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """'Same' 3x3 correlation of [N, H, W, I] with even H and W by Winograd F(2x2, 3x3)."""
-    return _winograd_f2x2_3x3_fwd(x, kernel)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _winograd_correlation(x: jax.Array, kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
+    """Valid r x r correlation of [N, H, W, I] whose output is a whole number of m x m tiles."""
+    return _winograd_correlation_fwd(x, kernel, algorithm)[0]
 
 
-def _winograd_f2x2_3x3_fwd(x, kernel):
-    tiles, kernel_tiles = _winograd_input_tiles(x), _winograd_kernel_tiles(kernel)
-    y = _winograd_output(jnp.matmul(tiles, kernel_tiles, preferred_element_type=x.dtype), x.shape)
+def _winograd_correlation_fwd(x, kernel, algorithm):
+    tiles, kernel_tiles = _winograd_input_tiles(x, algorithm), _winograd_kernel_tiles(kernel, algorithm)
+    out_shape = (x.shape[0], *(x.shape[i] - kernel.shape[0] + 1 for i in (1, 2)))
+    y = _winograd_output(jnp.matmul(tiles, kernel_tiles, preferred_element_type=x.dtype), out_shape, algorithm)
     return y, (tiles, kernel_tiles)
 
 
-def _winograd_f2x2_3x3_bwd(residuals, dy):
+def _winograd_correlation_bwd(algorithm, residuals, dy):
     tiles, kernel_tiles = residuals
-    dproducts = _winograd_output_adjoint(dy)
+    dproducts = _winograd_output_adjoint(dy, algorithm)
     dtiles = jnp.einsum("tpo,tio->tpi", dproducts, kernel_tiles, preferred_element_type=dy.dtype)
-    x_shape = jax.ShapeDtypeStruct((*dy.shape[:3], tiles.shape[-1]), dy.dtype)
-    (dx,) = jax.linear_transpose(_winograd_input_tiles, x_shape)(dtiles)
+    r = len(algorithm.g[0])
+    x_shape = jax.ShapeDtypeStruct((dy.shape[0], dy.shape[1] + r - 1, dy.shape[2] + r - 1, tiles.shape[-1]), dy.dtype)
+    (dx,) = jax.linear_transpose(functools.partial(_winograd_input_tiles, algorithm=algorithm), x_shape)(dtiles)
     dkernel_tiles = jnp.einsum("tpi,tpo->tio", tiles, dproducts, preferred_element_type=dy.dtype)
-    return dx, _winograd_kernel_adjoint(dkernel_tiles)
+    return dx, _winograd_kernel_adjoint(dkernel_tiles, algorithm)
 
 
-_winograd_f2x2_3x3.defvjp(_winograd_f2x2_3x3_fwd, _winograd_f2x2_3x3_bwd)
+_winograd_correlation.defvjp(_winograd_correlation_fwd, _winograd_correlation_bwd)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
-    """'Same' 3x3 correlation with dilation d, by `_winograd_f2x2_3x3` on the d x d pixel phases.
+    """'Same' 3x3 correlation with dilation d by F(2x2, 3x3) on the d x d pixel phases.
 
     With dilation d, pixels whose coordinates agree modulo d only meet each other: each of the
     d * d phases is an undilated convolution. Zero rows and columns appended up to a multiple of
@@ -338,11 +364,11 @@ def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
     """
     n, h, w, cin = x.shape
     d = dilation
-    rows, cols = -(-h // (2 * d)) * 2 * d, -(-w // (2 * d)) * 2 * d
+    rows, cols = _round_up(h, 2 * d), _round_up(w, 2 * d)
     x = jnp.pad(x, ((0, 0), (0, rows - h), (0, cols - w), (0, 0)))
     phases = (x.reshape(n, rows // d, d, cols // d, d, cin).transpose(2, 4, 0, 1, 3, 5)
               .reshape(d * d * n, rows // d, cols // d, cin))
-    y = _winograd_f2x2_3x3(phases, kernel)
+    y = _winograd_correlation(jnp.pad(phases, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, _F2X2_3X3)
     y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
     return y[:, :h, :w]
 
@@ -400,3 +426,17 @@ def _conv_transpose_by_phases_bwd(residuals, dy):
 
 _conv_transpose_by_phases.defvjp(_conv_transpose_by_phases_fwd, _conv_transpose_by_phases_bwd)
 _conv_transpose_by_phases = jax.jit(_conv_transpose_by_phases)
+
+
+@jax.jit
+def _conv_transpose_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`conv_transpose_4x4_s2` as the phase grid's 2x2 correlation by F(2x2, 2x2), and an interleave.
+
+    The (H+1) x (W+1) grid is computed on the next even size (one more zero row and column of
+    input when H, W are even) and cropped.
+    """
+    n, h, w, _ = x.shape
+    rows, cols = _round_up(h + 1, 2), _round_up(w + 1, 2)
+    padded = jnp.pad(x, ((0, 0), (1, rows - h), (1, cols - w), (0, 0)))
+    grid = _winograd_correlation(padded, _phase_kernel(kernel), _F2X2_2X2)
+    return _interleave_phases(grid[:, :h + 1, :w + 1])

@@ -101,7 +101,8 @@ def test_other_convs_match_lax(kernel_size, dilation):
 
 
 # (batch, height, width, in, out): model8up, model9up and model10up on small inputs, odd sizes.
-CONV_T_CASES = ((1, 4, 4, 512, 256), (2, 8, 8, 256, 128), (2, 6, 6, 128, 128), (2, 5, 7, 24, 40), (1, 1, 1, 8, 8))
+CONV_T_CASES = ((1, 4, 4, 512, 256), (2, 8, 8, 256, 128), (2, 6, 6, 128, 128), (1, 5, 3, 64, 96), (2, 5, 7, 24, 40),
+                (1, 1, 1, 8, 8))
 
 
 @pytest.mark.parametrize("n,h,w,cin,cout", CONV_T_CASES)

@@ -1,17 +1,18 @@
-"""A glibc malloc setting that makes XLA:CPU's per-step temporaries cheap to fault in.
+"""glibc malloc settings that stop XLA:CPU from faulting its temporaries in again on every step.
 
 XLA:CPU mallocs a step's temporaries (1.4 GB for SMSANet at 256x256, batch 1) on every call and
 frees them afterwards. glibc maps blocks that large fresh from the kernel each time, so every step
 faults some 400k new 4 KiB pages in, which the kernel zeroes one by one: 20% of a CPU training
-step. With glibc.malloc.hugetlb=1 (glibc >= 2.35) glibc asks for transparent huge pages for them
-(madvise), 2 MiB at a time. PyTorch's CPU allocator has the same problem and the same cure, which
-`scripts/benchmark.py` therefore gives both frameworks alike. (Also keeping the freed memory in
-the process, with mmap_max=0, trim_threshold and arena_max=1, removed the remaining faults but
-measured no faster.)
+step. The tunables below keep freed memory in one heap that is never trimmed, so the next step
+reuses it without a fault, and back that heap with transparent huge pages. Huge pages alone
+(glibc.malloc.hugetlb=1) helped as much for one program, but left SMSANet's step 20% slower in a
+process that also ran BaseNet's, as the benchmark does. PyTorch's CPU allocator has the same
+problem and the same cure, which `scripts/benchmark.py` therefore gives both frameworks alike.
+The cost: the process keeps its peak heap until it exits.
 
 glibc reads tunables only at start-up, so the command-line entry points restart themselves with
-it (`reexec_with_tuned_malloc`). SMSANET_MALLOC_TUNING=0 opts out; a value the user already set in
-GLIBC_TUNABLES wins.
+them (`reexec_with_tuned_malloc`). SMSANET_MALLOC_TUNING=0 opts out; tunables the user already set
+in GLIBC_TUNABLES win over these.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ import os
 import platform
 import sys
 
-TUNABLES = {"glibc.malloc.hugetlb": "1"}  # madvise(MADV_HUGEPAGE) on what malloc maps.
+TUNABLES = {
+        "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on the heap (glibc >= 2.35).
+        "glibc.malloc.mmap_max": "0",  # Large blocks from the heap too, not from mmap.
+        "glibc.malloc.trim_threshold": str(2 ** 62),  # Never hand the heap's top back.
+        "glibc.malloc.arena_max": "1",  # One heap, so that every thread's frees serve every thread.
+}
 OPT_OUT_VARIABLE = "SMSANET_MALLOC_TUNING"
 
 

@@ -4,8 +4,8 @@
   .venv/bin/python scripts/benchmark.py --models smsanet --batches 1  # the headline row only
   .venv/bin/python scripts/benchmark.py --quick --out /tmp/b.json     # tiny sizes: a smoke test
 
-Measured in one run, each group interleaved (A B C A B C ..., after compiling and one warm-up
-call each) so that load from other processes hits every contestant alike, and reported as medians:
+Measured in one run, each group interleaved (A B C A B C ..., after compiling and WARMUP_ROUNDS
+untimed rounds) so that load from other processes hits every contestant alike, and reported as medians:
 - training images/s of BaseNet, SMSANet (alpha 0) and SMSANet with the salient loss (random PFANet
   weights: the cost is the same), per batch size and dtype (bfloat16 on GPU/TPU, or with --bf16),
   beside the PyTorch BaseNet step (the tests' SIGGRAPH17 module, the same Huber loss and
@@ -14,8 +14,10 @@ call each) so that load from other processes hits every contestant alike, and re
 - FLOPs per image from XLA's cost analysis of the step in its standard form (`conv_impl="xla"`,
   lowered), used for every row including the PyTorch one: the executable's own count (kept as
   `compiled_flops_per_image`) misses most of the fast CPU convolutions' weight gradients, whose
-  taps are a loop that XLA's cost analysis counts once; and the compiled memory footprint
-  (arguments + outputs + temporaries);
+  taps are a loop that XLA's cost analysis counts once. It counts direct convolutions: the fast
+  CPU convolutions' Winograd forms multiply 2.25x (3x3) and 1.8x (up-convolutions) less, so their
+  FLOP/s is the direct-equivalent rate and can pass the matmul peak. And the compiled memory
+  footprint (arguments + outputs + temporaries);
 - the quickstart model's step with each --conv-impl (the fast CPU convolutions against XLA's);
 - images/s of `colorize` (random weights of configs/smsanet.py) on photos of each --photo-sizes.
 Extra `--config.key=value` arguments override the training and inference configs. JSON (--out)
@@ -60,6 +62,9 @@ MODELS = {
 QUICK_OVERRIDES = ("--config.image_size=32", "--config.model.width=8", "--config.model.n_scales=3",
                    "--config.loss.pfanet_size=32")
 HEADLINE_MODEL, HEADLINE_BATCH = "smsanet", 1
+# Untimed rounds before the timed ones: a CPU process's heap grows for its first ~3 steps (see
+# smsanet_jax/host_memory.py), and the first calls of a program pay one-off costs.
+WARMUP_ROUNDS = 3
 GROUPS = ("training", "pytorch", "matmul_peak", "conv_impl", "inference")  # Top-level JSON keys, table order.
 
 
@@ -87,8 +92,9 @@ def _run(contestant: Contestant, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float) -> list[dict]:
-    """Times each contestant `repeats` times, round-robin, after one warm-up step each.
+def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float, warmups: int = WARMUP_ROUNDS
+               ) -> list[dict]:
+    """Times each contestant `repeats` times, round-robin, after `warmups` round-robin warm-up steps.
 
     A step shorter than `min_time` seconds is repeated within each timing so that dispatch and
     timer overheads vanish (only on fast devices; on a CPU every step here takes longer).
@@ -97,16 +103,16 @@ def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float)
         contestants: already compiled work.
         repeats: timed runs per contestant.
         min_time: shortest timed run, in seconds.
+        warmups: untimed rounds first.
 
     Returns:
         One row per contestant: its `row`, the per-step seconds of each run, their median and
         images per second.
     """
-    calls = {}
-    for c in contestants:
-        warm = _run(c, 1)
-        calls[c.name] = max(1, math.ceil(min_time / max(warm, 1e-9)))
-        _log(f"  warm-up {c.name}: {warm:.3f} s/step")
+    for r in range(warmups):
+        warm = {c.name: _run(c, 1) for c in contestants}
+        calls = {name: max(1, math.ceil(min_time / max(seconds, 1e-9))) for name, seconds in warm.items()}
+        _log(f"  warm-up {r + 1}/{warmups}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in warm.items()))
     times = {c.name: [] for c in contestants}
     for r in range(repeats):
         for c in contestants:
@@ -371,8 +377,8 @@ def score(rows: list[dict]) -> dict[str, Any]:
         "fraction_of_peak": peak_row["fraction_of_peak"] if peak_row else None,
         "headline": {"ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{HEADLINE_BATCH} / pytorch basenet "
                                          f"b{HEADLINE_BATCH} images/s",
-                     "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s / "
-                                         f"matmul {headline_dtype} FLOP/s"},
+                     "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s "
+                                         f"(direct-convolution FLOPs) / matmul {headline_dtype} FLOP/s"},
     }
 
 
@@ -443,7 +449,7 @@ def markdown(results: dict[str, Any]) -> str:
             + (f", PyTorch {results['torch_version']}" if results.get("torch_version") else "") + ".",
             f"Load average (1 min) {results['load_average']['start']:.2f} at the start, "
             f"{results['load_average']['end']:.2f} at the end; {results['wall_seconds'] / 60:.1f} min in all; "
-            f"medians of {results['settings']['repeats']} interleaved runs after one warm-up.",
+            f"medians of {results['settings']['repeats']} interleaved runs after {WARMUP_ROUNDS} warm-up rounds.",
             f"Peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB"
             + (f"; device peak {mem['device_peak_bytes_in_use'] / 1e9:.2f} GB"
                if mem["device_peak_bytes_in_use"] else "") + ".",

@@ -290,6 +290,45 @@ def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd) -> jax.Array:
     return tiles.reshape(size * size, -1, x.shape[-1])
 
 
+def _overlap_add(parts: list[jax.Array], axis: int, step: int, length: int) -> jax.Array:
+    """Sums tile-sized pieces back onto pixels: out[step * q + j] += parts[j][q] along `axis`.
+
+    Tiles start every `step` pixels, so piece j = step * s + t lands on pixel phase t, shifted by
+    s tiles: per phase, a sum of padded pieces; the phases interleave into `length` pixels.
+    """
+    shifts = (len(parts) - 1) // step
+    phases = []
+    for t in range(step):
+        total = None
+        for s in range(shifts + 1):
+            if step * s + t < len(parts):
+                padding = [(0, 0)] * parts[0].ndim
+                padding[axis] = (s, shifts - s)
+                term = jnp.pad(parts[step * s + t], padding)
+                total = term if total is None else total + term
+        phases.append(total)
+    interleaved = jnp.stack(phases, axis + 1)
+    shape = list(parts[0].shape)
+    shape[axis] = (shape[axis] + shifts) * step
+    return lax.slice_in_dim(interleaved.reshape(shape), 0, length, axis=axis)
+
+
+def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd) -> jax.Array:
+    """The adjoint of `_winograd_input_tiles`: [tile planes, tiles, I] -> [N, H, W, I].
+
+    Written out (B d B^T per tile, then overlapping tiles summed) because the transpose autodiff
+    derives, strided pads and adds, ran 2-3x as long as the forward transform.
+    """
+    step, size, b = len(algorithm.a_t), len(algorithm.b_t), _transposed(algorithm.b_t)
+    n, h, w, cin = x_shape
+    r = len(algorithm.g[0])
+    dtiles = dtiles.reshape(size, size, n, (h - r + 1) // step, (w - r + 1) // step, cin)  # [column, row, ...]
+    columns = _combine(b, [dtiles[c] for c in range(size)], 0)  # [column pixel, row, N, H/m, W/m, I]
+    rows = _overlap_add([columns[j] for j in range(size)], 3, step, w)  # [row, N, H/m, W, I]
+    pixels = _combine(b, [rows[i] for i in range(size)], 0)  # [row pixel, N, H/m, W, I]
+    return _overlap_add([pixels[i] for i in range(size)], 1, step, h)
+
+
 def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
     """[r, r, I, O] -> [tile planes, I, O]: G g G^T."""
     r = len(algorithm.g[0])
@@ -341,8 +380,8 @@ def _winograd_correlation_bwd(algorithm, residuals, dy):
     dproducts = _winograd_output_adjoint(dy, algorithm)
     dtiles = jnp.einsum("tpo,tio->tpi", dproducts, kernel_tiles, preferred_element_type=dy.dtype)
     r = len(algorithm.g[0])
-    x_shape = jax.ShapeDtypeStruct((dy.shape[0], dy.shape[1] + r - 1, dy.shape[2] + r - 1, tiles.shape[-1]), dy.dtype)
-    (dx,) = jax.linear_transpose(functools.partial(_winograd_input_tiles, algorithm=algorithm), x_shape)(dtiles)
+    dx = _winograd_input_adjoint(dtiles, (dy.shape[0], dy.shape[1] + r - 1, dy.shape[2] + r - 1, tiles.shape[-1]),
+                                 algorithm)
     dkernel_tiles = jnp.einsum("tpi,tpo->tio", tiles, dproducts, preferred_element_type=dy.dtype)
     return dx, _winograd_kernel_adjoint(dkernel_tiles, algorithm)
 

@@ -73,8 +73,10 @@ def conv2d(
     if resolve_impl(impl) == "cpu":
         if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
             return _conv1x1(x, kernel)
-        if _fits_winograd(x, kernel, padding, dilation):
-            return _conv3x3_winograd(x, kernel, dilation[0])
+        d = dilation[0]
+        if (kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
+                and _fits_winograd(x, kernel)):
+            return _conv3x3_winograd(x, kernel, d)
         if _fits_shifted_vjp(kernel.shape, padding, dilation):
             return _conv_shifted_vjp(x, kernel, padding, dilation)
     return lax.conv_general_dilated(
@@ -244,13 +246,9 @@ _F2X2_2X2 = _Winograd(b_t=((1, -1, 0), (0, 1, 0), (0, -1, 1)), g=((1, 0), (1, 1)
 _WINOGRAD_MIN_CHANNELS = 64
 
 
-def _fits_winograd(x: jax.Array, kernel: jax.Array, padding: Padding = ((1, 1), (1, 1)),
-                   dilation: tuple[int, int] = (1, 1)) -> bool:
-    """Whether Winograd serves this conv: wide, float32 or float64, 3x3 ones 'same'-padded."""
-    d = dilation[0]
-    same_3x3 = kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
-    return ((same_3x3 or kernel.shape[:2] == (4, 4)) and min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS
-            and x.dtype in (jnp.float32, jnp.float64))
+def _fits_winograd(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether Winograd serves a conv of this kernel's shape on `x`: wide, float32 or float64."""
+    return min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS and x.dtype in (jnp.float32, jnp.float64)
 
 
 def _combine(matrix, terms: list[jax.Array], axis: int) -> jax.Array:
@@ -317,7 +315,7 @@ def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorit
     """The adjoint of `_winograd_input_tiles`: [tile planes, tiles, I] -> [N, H, W, I].
 
     Written out (B d B^T per tile, then overlapping tiles summed) because the transpose autodiff
-    derives, strided pads and adds, ran 2-3x as long as the forward transform.
+    derives, strided pads and adds, ran 2-5x as long.
     """
     step, size, b = len(algorithm.a_t), len(algorithm.b_t), _transposed(algorithm.b_t)
     n, h, w, cin = x_shape

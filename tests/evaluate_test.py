@@ -17,7 +17,7 @@ from skimage import color, metrics as skmetrics
 from smsanet_jax import checkpointing, cli, evaluate, inference
 from smsanet_jax.data import decode, transforms
 from tests import tiny_checkpoint
-from tests.net_utils import free_port
+from tests.net_utils import communicate_all, free_port
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png")
 
@@ -222,11 +222,7 @@ def test_two_processes_give_the_summary_of_one(trained, tmp_path):
                                "--out", str(out), "--coordinator", address, "--num-processes", "2",
                                "--process-id", str(i)], env=env, cwd=tiny_checkpoint.ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outputs = communicate_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs
     with open(out / "summary.json", encoding="utf-8") as f:
         multi = json.load(f)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from smsanet_jax import checkpointing, config_util, losses, train
-from tests.net_utils import free_port
+from tests.net_utils import communicate_all, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -160,11 +160,7 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     address = f"127.0.0.1:{free_port()}"
     procs = [cli(["train", "--config", TINY, "--workdir", multi, "--coordinator", address,
                   "--num-processes", "2", "--process-id", str(i), *overrides]) for i in range(2)]
-    try:
-        outs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
+    outs = communicate_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
     losses_of = lambda w: [r["train/total"] for r in
                            read_jsonl(os.path.join(w, "tensorboard", "metrics.jsonl")) if "train/total" in r]

@@ -223,13 +223,17 @@ _conv_shifted_vjp = jax.jit(_conv_shifted_vjp, static_argnums=(2, 3))
 # Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
 # 2016). F(m x m, r x r) computes each m x m output tile of a valid r x r correlation as
 # A^T [(G g G^T) * (B^T d B)] A from its (m + r - 1)^2 input tile d and the kernel g. Over all
-# tiles and channels the elementwise product is (m + r - 1)^2 matmuls [tiles, I] x [I, O]: with
-# m = 2, 16 multiplications per output tile and channel pair instead of 36 for a 3x3 kernel
-# (2.25x fewer FLOPs) and 9 instead of 16 for the 2x2 kernels of the transposed convolution
-# (1.8x), where the direct forms already run at the matmul peak. The gradients are the adjoint:
-# dy transformed once (A), two more sets of matmuls give the tiles' and the transformed kernel's
-# gradients. In float32 it agrees with the direct correlation to ~1e-6 relative: with m = 2 the
-# transforms only add, subtract and halve.
+# tiles and channels the elementwise product is (m + r - 1)^2 matmuls [tiles, I] x [I, O]. The
+# gradients are the adjoint: dy transformed once (A), two more sets of matmuls give the tiles' and
+# the transformed kernel's gradients. The direct forms already run at the matmul peak, so the gain
+# is the multiplications saved, less the transforms' memory traffic ((m + r - 1)^2 / m^2 times the
+# activations, in each direction). The matrices come from Toom-Cook on the points 0, 1, -1 and
+# infinity, whose transforms only add, subtract and halve: F(2x2, 3x3) (16 multiplications per
+# 2x2 output tile instead of 36) is as close to float64 as XLA's direct convolutions (~5e-7
+# relative). Larger tiles need a larger point (2 or 1/2), and their rounding differs between the
+# pixels of a tile: F(3x3, 3x3) was 1.35-1.45x faster per layer and 2-8e-6 from float64 per op,
+# but train-mode BN on near-constant channels magnified that into gradients 3% (median, against
+# XLA's 0.04%) from float64 in the BaseNet step test; F(4x4, 3x3) is 1-2e-5 per op.
 class _Winograd(NamedTuple):
     b_t: tuple[tuple[float, ...], ...]  # [m + r - 1, m + r - 1]
     g: tuple[tuple[float, ...], ...]  # [m + r - 1, r]
@@ -239,7 +243,11 @@ class _Winograd(NamedTuple):
 _F2X2_3X3 = _Winograd(b_t=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
                       g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
                       a_t=((1, 1, 1, 0), (0, 1, -1, -1)))
-_F2X2_2X2 = _Winograd(b_t=((1, -1, 0), (0, 1, 0), (0, -1, 1)), g=((1, 0), (1, 1), (0, 1)), a_t=((1, 1, 0), (0, 1, 1)))
+# For the transposed convolution's 2x2 kernels, from the same points: 16 multiplications per 3x3
+# output tile instead of 36.
+_F3X3_2X2 = _Winograd(b_t=((-1, 0, 1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, -1, 0, 1)),
+                      g=((-1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1)),
+                      a_t=((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, 1)))
 # Below this many input or output channels the transforms' memory traffic outweighs the saved
 # multiplications on XLA:CPU (fwd + bwd, batch 1, against the direct forms: BaseNet's 3x3
 # layers 1.1-1.8x faster, the 4 -> 64 input layer 2.6x and a 512 -> 32 one 1.2x slower).
@@ -467,13 +475,13 @@ _conv_transpose_by_phases = jax.jit(_conv_transpose_by_phases)
 
 @jax.jit
 def _conv_transpose_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`conv_transpose_4x4_s2` as the phase grid's 2x2 correlation by F(2x2, 2x2), and an interleave.
+    """`conv_transpose_4x4_s2` as the phase grid's 2x2 correlation by F(3x3, 2x2), and an interleave.
 
-    The (H+1) x (W+1) grid is computed on the next even size (one more zero row and column of
-    input when H, W are even) and cropped.
+    The (H+1) x (W+1) grid is computed on the next multiple of 3 (with zero rows and columns of
+    input appended) and cropped.
     """
     n, h, w, _ = x.shape
-    rows, cols = _round_up(h + 1, 2), _round_up(w + 1, 2)
+    rows, cols = _round_up(h + 1, 3), _round_up(w + 1, 3)
     padded = jnp.pad(x, ((0, 0), (1, rows - h), (1, cols - w), (0, 0)))
-    grid = _winograd_correlation(padded, _phase_kernel(kernel), _F2X2_2X2)
+    grid = _winograd_correlation(padded, _phase_kernel(kernel), _F3X3_2X2)
     return _interleave_phases(grid[:, :h + 1, :w + 1])

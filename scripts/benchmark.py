@@ -15,9 +15,9 @@ untimed rounds) so that load from other processes hits every contestant alike, a
   lowered), used for every row including the PyTorch one: the executable's own count (kept as
   `compiled_flops_per_image`) misses most of the fast CPU convolutions' weight gradients, whose
   taps are a loop that XLA's cost analysis counts once. It counts direct convolutions: the fast
-  CPU convolutions' Winograd forms multiply 2.25x (3x3) and 1.8x (up-convolutions) less, so their
-  FLOP/s is the direct-equivalent rate and can pass the matmul peak. And the compiled memory
-  footprint (arguments + outputs + temporaries);
+  CPU convolutions' Winograd forms multiply 2.25x less, so their FLOP/s is the direct-equivalent
+  rate and can pass the matmul peak. And the compiled memory footprint (arguments + outputs +
+  temporaries);
 - the quickstart model's step with each --conv-impl (the fast CPU convolutions against XLA's);
 - images/s of `colorize` (random weights of configs/smsanet.py) on photos of each --photo-sizes.
 Extra `--config.key=value` arguments override the training and inference configs. JSON (--out)

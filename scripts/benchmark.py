@@ -92,9 +92,8 @@ def _run(contestant: Contestant, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float, warmups: int = WARMUP_ROUNDS
-               ) -> list[dict]:
-    """Times each contestant `repeats` times, round-robin, after `warmups` round-robin warm-up steps.
+def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float) -> list[dict]:
+    """Times each contestant `repeats` times, round-robin, after WARMUP_ROUNDS round-robin warm-up steps.
 
     A step shorter than `min_time` seconds is repeated within each timing so that dispatch and
     timer overheads vanish (only on fast devices; on a CPU every step here takes longer).
@@ -103,16 +102,16 @@ def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float,
         contestants: already compiled work.
         repeats: timed runs per contestant.
         min_time: shortest timed run, in seconds.
-        warmups: untimed rounds first.
 
     Returns:
         One row per contestant: its `row`, the per-step seconds of each run, their median and
         images per second.
     """
-    for r in range(warmups):
+    for r in range(WARMUP_ROUNDS):
         warm = {c.name: _run(c, 1) for c in contestants}
+        # The last (warmest) round sets how many steps make a timed run.
         calls = {name: max(1, math.ceil(min_time / max(seconds, 1e-9))) for name, seconds in warm.items()}
-        _log(f"  warm-up {r + 1}/{warmups}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in warm.items()))
+        _log(f"  warm-up {r + 1}/{WARMUP_ROUNDS}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in warm.items()))
     times = {c.name: [] for c in contestants}
     for r in range(repeats):
         for c in contestants:

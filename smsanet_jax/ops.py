@@ -23,6 +23,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from smsanet_jax import native
+
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
 IMPLS = ("auto", "xla", "cpu")
 
@@ -282,6 +284,11 @@ def _transposed(matrix):
     return tuple(zip(*matrix))
 
 
+def _native_transforms(array: jax.Array) -> bool:
+    """Whether this array's transforms go to the C++ kernels (`native`): float32 on XLA:CPU."""
+    return array.dtype == jnp.float32 and jax.default_backend() == "cpu" and native.available()
+
+
 # The transformed planes are ordered (column, row) of the tile: plane (m + r - 1) * c + row.
 def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd) -> jax.Array:
     """[N, H, W, I] -> [tile planes, tiles, I]: B^T d B of every input tile.
@@ -289,6 +296,8 @@ def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd) -> jax.Array:
     The output, (H - r + 1) x (W - r + 1), must be a whole number of m x m tiles.
     """
     step, size = len(algorithm.a_t), len(algorithm.b_t)
+    if _native_transforms(x):
+        return native.windows_to_planes(x, algorithm.b_t, size, step)
     out_h, out_w = (x.shape[i] - len(algorithm.g[0]) + 1 for i in (1, 2))
     # Tile (p, q) starts at pixel (step * p, step * q).
     rows = _combine(algorithm.b_t, [x[:, i:i + out_h:step] for i in range(size)], 0)  # [row, N, tiles, W, I]
@@ -326,6 +335,8 @@ def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorit
     derives, strided pads and adds, ran 2-5x as long.
     """
     step, size, b = len(algorithm.a_t), len(algorithm.b_t), _transposed(algorithm.b_t)
+    if _native_transforms(dtiles):
+        return native.planes_to_pixels(dtiles, b, size, step, x_shape)
     n, h, w, cin = x_shape
     r = len(algorithm.g[0])
     dtiles = dtiles.reshape(size, size, n, (h - r + 1) // step, (w - r + 1) // step, cin)  # [column, row, ...]
@@ -354,6 +365,8 @@ def _winograd_kernel_adjoint(dkernel_tiles: jax.Array, algorithm: _Winograd) -> 
 def _winograd_output(products: jax.Array, out_shape: tuple[int, int, int], algorithm: _Winograd) -> jax.Array:
     """[tile planes, tiles, O] -> [N, H', W', O] (`out_shape` = (N, H', W')): A^T m A, tiles in place."""
     (n, h, w), step, size = out_shape, len(algorithm.a_t), len(algorithm.b_t)
+    if _native_transforms(products):
+        return native.planes_to_pixels(products, algorithm.a_t, step, step, (n, h, w, products.shape[-1]))
     products = products.reshape(size, size, n, h // step, w // step, -1)  # [column, row, N, ...]
     rows = _combine(algorithm.a_t, [products[:, i] for i in range(size)], 3)  # [column, N, H'/m, m, W'/m, O]
     y = _combine(algorithm.a_t, [rows[j] for j in range(size)], 4)  # [N, H'/m, m, W'/m, m, O]
@@ -363,6 +376,8 @@ def _winograd_output(products: jax.Array, out_shape: tuple[int, int, int], algor
 def _winograd_output_adjoint(dy: jax.Array, algorithm: _Winograd) -> jax.Array:
     """The adjoint of `_winograd_output`: [N, H', W', O] -> [tile planes, tiles, O], A dy A^T per tile."""
     step, a = len(algorithm.a_t), _transposed(algorithm.a_t)
+    if _native_transforms(dy):
+        return native.windows_to_planes(dy, a, step, step)
     rows = _combine(a, [dy[:, i::step] for i in range(step)], 0)  # [row, N, H'/m, W', O]
     tiles = _combine(a, [rows[:, :, :, j::step] for j in range(step)], 0)
     return tiles.reshape(len(a) ** 2, -1, dy.shape[-1])

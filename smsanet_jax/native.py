@@ -46,7 +46,7 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SMSANET_NATIVE_CACHE", default))
 
 
-def _build() -> pathlib.Path:
+def build() -> pathlib.Path:
     """Compiles the library unless the cache holds it; returns its path.
 
     Raises:
@@ -79,7 +79,7 @@ def available() -> bool:
     if os.environ.get(DISABLE_VARIABLE) == "0":
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(_build()))
+        library = ctypes.cdll.LoadLibrary(str(build()))
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"smsanet_jax: could not build the native Winograd transforms ({detail}); "
@@ -90,28 +90,39 @@ def available() -> bool:
     return True
 
 
-def windows_to_planes(x: jax.Array, matrix, window: int, stride: int) -> jax.Array:
-    """[N, H, W, C] float32 -> [s * s, N * P * Q, C]: M x M^T of every `window`-sized window.
+def _window_counts(image_shape: tuple[int, ...], window: int, stride: int, padding) -> dict[str, np.int64]:
+    """The kernels' geometry attributes: leading padding and windows per column and row."""
+    (top, bottom), (left, right) = padding
+    return {"pad_top": np.int64(top), "pad_left": np.int64(left),
+            "rows": np.int64((image_shape[1] + top + bottom - window) // stride + 1),
+            "cols": np.int64((image_shape[2] + left + right - window) // stride + 1)}
 
-    Windows start every `stride` pixels (P x Q of them); plane b * s + a of a window d is
+
+def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((0, 0), (0, 0))) -> jax.Array:
+    """[N, H, W, C] float32 -> [s * s, N * P * Q, C]: M d M^T of every window d of the padded image.
+
+    Windows of `window` x `window` pixels start every `stride` pixels of the image zero-padded by
+    `padding` ((top, bottom), (left, right)), P x Q of them; plane b * s + a of window d is
     sum_ij M[a, i] M[b, j] d[i, j] for the [s, window] matrix M.
     """
     matrix = np.asarray(matrix, np.float32)
-    n, h, w, c = x.shape
-    tiles = n * ((h - window) // stride + 1) * ((w - window) // stride + 1)
-    result = jax.ShapeDtypeStruct((matrix.shape[0] ** 2, tiles, c), x.dtype)
+    geometry = _window_counts(x.shape, window, stride, padding)
+    tiles = x.shape[0] * int(geometry["rows"]) * int(geometry["cols"])
+    result = jax.ShapeDtypeStruct((matrix.shape[0] ** 2, tiles, x.shape[3]), x.dtype)
     return jax.ffi.ffi_call("smsanet_windows_to_planes", result, vmap_method="sequential")(
-            x, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride))
+            x, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride), **geometry)
 
 
-def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int,
-                     shape: tuple[int, int, int, int]) -> jax.Array:
+def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int, shape: tuple[int, int, int, int],
+                     padding=((0, 0), (0, 0))) -> jax.Array:
     """The transpose of `windows_to_planes` for a [window, s] matrix M: overlapping windows add up.
 
-    Returns the [N, H, W, C] image of the given shape in which window (p, q) receives
-    sum_ab M[i, a] M[j, b] planes[b * s + a] at pixel (stride * p + i, stride * q + j).
+    Returns the [N, H, W, C] image of the given shape in which window (p, q) of its padded frame
+    adds sum_ab M[i, a] M[j, b] planes[b * s + a] to pixel (stride * p + i, stride * q + j) of
+    that frame; what lands on the padding is dropped.
     """
     matrix = np.asarray(matrix, np.float32)
     result = jax.ShapeDtypeStruct(shape, planes.dtype)
     return jax.ffi.ffi_call("smsanet_planes_to_pixels", result, vmap_method="sequential")(
-            planes, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride))
+            planes, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride),
+            **_window_counts(shape, window, stride, padding))

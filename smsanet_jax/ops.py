@@ -290,14 +290,15 @@ def _native_transforms(array: jax.Array) -> bool:
 
 
 # The transformed planes are ordered (column, row) of the tile: plane (m + r - 1) * c + row.
-def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd) -> jax.Array:
-    """[N, H, W, I] -> [tile planes, tiles, I]: B^T d B of every input tile.
+def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd, padding: Padding) -> jax.Array:
+    """[N, H, W, I] -> [tile planes, tiles, I]: B^T d B of every tile of x zero-padded by `padding`.
 
-    The output, (H - r + 1) x (W - r + 1), must be a whole number of m x m tiles.
+    The output, (H + padding - r + 1) x (W + padding - r + 1), must be a whole number of m x m tiles.
     """
     step, size = len(algorithm.a_t), len(algorithm.b_t)
     if _native_transforms(x):
-        return native.windows_to_planes(x, algorithm.b_t, size, step)
+        return native.windows_to_planes(x, algorithm.b_t, size, step, padding)
+    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     out_h, out_w = (x.shape[i] - len(algorithm.g[0]) + 1 for i in (1, 2))
     # Tile (p, q) starts at pixel (step * p, step * q).
     rows = _combine(algorithm.b_t, [x[:, i:i + out_h:step] for i in range(size)], 0)  # [row, N, tiles, W, I]
@@ -328,22 +329,25 @@ def _overlap_add(parts: list[jax.Array], axis: int, step: int, length: int) -> j
     return lax.slice_in_dim(interleaved.reshape(shape), 0, length, axis=axis)
 
 
-def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd) -> jax.Array:
+def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd,
+                            padding: Padding) -> jax.Array:
     """The adjoint of `_winograd_input_tiles`: [tile planes, tiles, I] -> [N, H, W, I].
 
-    Written out (B d B^T per tile, then overlapping tiles summed) because the transpose autodiff
-    derives, strided pads and adds, ran 2-5x as long.
+    Written out (B d B^T per tile, then overlapping tiles summed and the padding cropped) because
+    the transpose autodiff derives, strided pads and adds, ran 2-5x as long.
     """
     step, size, b = len(algorithm.a_t), len(algorithm.b_t), _transposed(algorithm.b_t)
     if _native_transforms(dtiles):
-        return native.planes_to_pixels(dtiles, b, size, step, x_shape)
-    n, h, w, cin = x_shape
+        return native.planes_to_pixels(dtiles, b, size, step, x_shape, padding)
+    (top, bottom), (left, right) = padding
+    n, h, w, cin = x_shape[0], x_shape[1] + top + bottom, x_shape[2] + left + right, x_shape[3]
     r = len(algorithm.g[0])
     dtiles = dtiles.reshape(size, size, n, (h - r + 1) // step, (w - r + 1) // step, cin)  # [column, row, ...]
     columns = _combine(b, [dtiles[c] for c in range(size)], 0)  # [column pixel, row, N, H/m, W/m, I]
     rows = _overlap_add([columns[j] for j in range(size)], 3, step, w)  # [row, N, H/m, W, I]
     pixels = _combine(b, [rows[i] for i in range(size)], 0)  # [row pixel, N, H/m, W, I]
-    return _overlap_add([pixels[i] for i in range(size)], 1, step, h)
+    dx = _overlap_add([pixels[i] for i in range(size)], 1, step, h)
+    return dx[:, top:h - bottom, left:w - right]
 
 
 def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
@@ -383,26 +387,27 @@ def _winograd_output_adjoint(dy: jax.Array, algorithm: _Winograd) -> jax.Array:
     return tiles.reshape(len(a) ** 2, -1, dy.shape[-1])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _winograd_correlation(x: jax.Array, kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
-    """Valid r x r correlation of [N, H, W, I] whose output is a whole number of m x m tiles."""
-    return _winograd_correlation_fwd(x, kernel, algorithm)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _winograd_correlation(x: jax.Array, kernel: jax.Array, algorithm: _Winograd, padding: Padding) -> jax.Array:
+    """r x r correlation of [N, H, W, I] zero-padded by `padding`; its output is whole m x m tiles."""
+    return _winograd_correlation_fwd(x, kernel, algorithm, padding)[0]
 
 
-def _winograd_correlation_fwd(x, kernel, algorithm):
-    tiles, kernel_tiles = _winograd_input_tiles(x, algorithm), _winograd_kernel_tiles(kernel, algorithm)
-    out_shape = (x.shape[0], *(x.shape[i] - kernel.shape[0] + 1 for i in (1, 2)))
+def _winograd_correlation_fwd(x, kernel, algorithm, padding):
+    tiles = _winograd_input_tiles(x, algorithm, padding)
+    kernel_tiles = _winograd_kernel_tiles(kernel, algorithm)
+    out_shape = (x.shape[0], *(x.shape[i] + sum(padding[i - 1]) - kernel.shape[0] + 1 for i in (1, 2)))
     y = _winograd_output(jnp.matmul(tiles, kernel_tiles, preferred_element_type=x.dtype), out_shape, algorithm)
     return y, (tiles, kernel_tiles)
 
 
-def _winograd_correlation_bwd(algorithm, residuals, dy):
+def _winograd_correlation_bwd(algorithm, padding, residuals, dy):
     tiles, kernel_tiles = residuals
     dproducts = _winograd_output_adjoint(dy, algorithm)
     dtiles = jnp.einsum("tpo,tio->tpi", dproducts, kernel_tiles, preferred_element_type=dy.dtype)
     r = len(algorithm.g[0])
-    dx = _winograd_input_adjoint(dtiles, (dy.shape[0], dy.shape[1] + r - 1, dy.shape[2] + r - 1, tiles.shape[-1]),
-                                 algorithm)
+    x_shape = (dy.shape[0], *(dy.shape[i] + r - 1 - sum(padding[i - 1]) for i in (1, 2)), tiles.shape[-1])
+    dx = _winograd_input_adjoint(dtiles, x_shape, algorithm, padding)
     dkernel_tiles = jnp.einsum("tpi,tpo->tio", tiles, dproducts, preferred_element_type=dy.dtype)
     return dx, _winograd_kernel_adjoint(dkernel_tiles, algorithm)
 
@@ -428,7 +433,7 @@ def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
     x = jnp.pad(x, ((0, 0), (0, rows - h), (0, cols - w), (0, 0)))
     phases = (x.reshape(n, rows // d, d, cols // d, d, cin).transpose(2, 4, 0, 1, 3, 5)
               .reshape(d * d * n, rows // d, cols // d, cin))
-    y = _winograd_correlation(jnp.pad(phases, ((0, 0), (1, 1), (1, 1), (0, 0))), kernel, _F2X2_3X3)
+    y = _winograd_correlation(phases, kernel, _F2X2_3X3, ((1, 1), (1, 1)))
     y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
     return y[:, :h, :w]
 
@@ -497,6 +502,5 @@ def _conv_transpose_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     n, h, w, _ = x.shape
     rows, cols = _round_up(h + 1, 3), _round_up(w + 1, 3)
-    padded = jnp.pad(x, ((0, 0), (1, rows - h), (1, cols - w), (0, 0)))
-    grid = _winograd_correlation(padded, _phase_kernel(kernel), _F3X3_2X2)
+    grid = _winograd_correlation(x, _phase_kernel(kernel), _F3X3_2X2, ((1, rows - h), (1, cols - w)))
     return _interleave_phases(grid[:, :h + 1, :w + 1])

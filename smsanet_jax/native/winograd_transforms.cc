@@ -26,10 +26,12 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-// One non-zero of the tile map kron(M, M): destination index, source index, coefficient.
+// One non-zero of the tile map kron(M, M): plane `plane` receives `coefficient` times window
+// pixel (row, col).
 struct Term {
-  int64_t dst;
-  int64_t src;
+  int64_t plane;
+  int64_t row;
+  int64_t col;
   float coefficient;
 };
 
@@ -58,9 +60,9 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Body& body) {
   }
 }
 
-// The tile map's non-zeros: plane (b, a) <- window pixel (i, j) with M[a][i] * M[b][j], for M of
-// shape [planes_per_side, window] given row-major.
-std::vector<Term> TileTerms(ffi::Span<const float> matrix, int64_t window) {
+// The tile map's non-zeros, grouped by plane: plane (b, a) <- window pixel (i, j) with
+// M[a][i] * M[b][j], for M of shape [side, window] given row-major.
+std::vector<Term> TileTerms(const std::vector<float>& matrix, int64_t window) {
   const int64_t side = static_cast<int64_t>(matrix.size()) / window;
   std::vector<Term> terms;
   for (int64_t b = 0; b < side; ++b)
@@ -68,57 +70,70 @@ std::vector<Term> TileTerms(ffi::Span<const float> matrix, int64_t window) {
       for (int64_t i = 0; i < window; ++i)
         for (int64_t j = 0; j < window; ++j) {
           const float coefficient = matrix[a * window + i] * matrix[b * window + j];
-          if (coefficient != 0) terms.push_back({b * side + a, i * window + j, coefficient});
+          if (coefficient != 0) terms.push_back({b * side + a, i, j, coefficient});
         }
   return terms;
 }
 
-ffi::Error CheckShapes(int64_t planes, int64_t tiles, int64_t channels, ffi::Span<const int64_t> pixels,
-                       int64_t side, int64_t window, int64_t stride, int64_t* rows, int64_t* cols) {
-  if (pixels.size() != 4 || pixels[3] != channels || window < 1 || stride < 1 || side * side != planes ||
-      (pixels[1] - window) % stride != 0 || (pixels[2] - window) % stride != 0) {
-    return ffi::Error::InvalidArgument("winograd transform: inconsistent shapes or attributes");
+int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
+// The geometry both transforms share: window (p, q) of image n starts at pixel
+// (stride * p - pad_top, stride * q - pad_left); pixels outside the image are zero.
+struct Grid {
+  int64_t images, height, width, channels;  // The [N, H, W, C] image.
+  int64_t rows, cols;                       // Windows per image.
+  int64_t window, stride, pad_top, pad_left;
+  int64_t side;                             // Planes per axis: planes are side x side.
+};
+
+ffi::Error MakeGrid(ffi::Span<const int64_t> image, ffi::Span<const int64_t> planes, int64_t matrix_size,
+                    int64_t window, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t rows,
+                    int64_t cols, Grid* grid) {
+  const int64_t side = window > 0 ? matrix_size / window : 0;
+  if (image.size() != 4 || planes.size() != 3 || window < 1 || stride < 1 || pad_top < 0 || pad_left < 0 ||
+      rows < 0 || cols < 0 || side * window != matrix_size || planes[0] != side * side || planes[1] != image[0] * rows * cols ||
+      planes[2] != image[3]) {
+    return ffi::Error::InvalidArgument(
+        "smsanet winograd transform: the image, plane and matrix shapes do not agree");
   }
-  *rows = (pixels[1] - window) / stride + 1;
-  *cols = (pixels[2] - window) / stride + 1;
-  if (pixels[0] * *rows * *cols != tiles) {
-    return ffi::Error::InvalidArgument("winograd transform: tile count does not match the image");
-  }
+  *grid = {image[0], image[1], image[2], image[3], rows, cols, window, stride, pad_top, pad_left, side};
   return ffi::Error::Success();
 }
 
-ffi::Error WindowsToPlanes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Span<const float> matrix,
-                           int64_t window, int64_t stride, ffi::ResultBuffer<ffi::F32> planes) {
-  const auto out_dims = planes->dimensions();
-  const int64_t side = static_cast<int64_t>(matrix.size()) / window;
-  int64_t rows, cols;
-  if (ffi::Error error = CheckShapes(out_dims[0], out_dims[1], out_dims[2], x.dimensions(), side, window,
-                                     stride, &rows, &cols);
+ffi::Error WindowsToPlanes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> image, ffi::Span<const float> matrix,
+                           int64_t window, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t rows,
+                           int64_t cols, ffi::ResultBuffer<ffi::F32> planes) {
+  Grid g;
+  if (ffi::Error error = MakeGrid(image.dimensions(), planes->dimensions(), matrix.size(), window, stride,
+                                  pad_top, pad_left, rows, cols, &g);
       error.failure()) {
     return error;
   }
-  const int64_t height = x.dimensions()[1], width = x.dimensions()[2], channels = x.dimensions()[3];
-  const int64_t tiles = out_dims[1];
-  std::vector<Term> terms = TileTerms(matrix, window);
-  for (Term& term : terms) {  // Window pixel (i, j) -> its offset from the tile's first pixel.
-    term.src = (term.src / window * width + term.src % window) * channels;
-  }
-  const float* in = x.typed_data();
+  const std::vector<Term> terms = TileTerms(std::vector<float>(matrix.begin(), matrix.end()), window);
+  const int64_t tiles = g.images * g.rows * g.cols, channels = g.channels;
+  const float* in = image.typed_data();
   float* out = planes->typed_data();
-  ParallelFor(pool, x.dimensions()[0] * rows, [&](int64_t unit) {
-    const int64_t n = unit / rows, p = unit % rows;
-    for (int64_t q = 0; q < cols; ++q) {
-      const int64_t tile = unit * cols + q;
-      const float* origin = in + ((n * height + p * stride) * width + q * stride) * channels;
-      for (size_t t = 0; t < terms.size(); ++t) {  // Terms come grouped by plane.
-        const Term& term = terms[t];
-        float* dst = out + (term.dst * tiles + tile) * channels;
-        const float* src = origin + term.src;
-        if (t == 0 || terms[t - 1].dst != term.dst) {
-          for (int64_t c = 0; c < channels; ++c) dst[c] = term.coefficient * src[c];
-        } else {
-          for (int64_t c = 0; c < channels; ++c) dst[c] += term.coefficient * src[c];
+  ParallelFor(pool, g.images * g.rows, [&](int64_t unit) {
+    const int64_t n = unit / g.rows, y0 = unit % g.rows * g.stride - g.pad_top;
+    for (int64_t q = 0; q < g.cols; ++q) {
+      const int64_t x0 = q * g.stride - g.pad_left, tile = unit * g.cols + q;
+      for (size_t t = 0; t < terms.size();) {
+        const int64_t plane = terms[t].plane;
+        float* dst = out + (plane * tiles + tile) * channels;
+        bool written = false;
+        for (; t < terms.size() && terms[t].plane == plane; ++t) {
+          const Term& term = terms[t];
+          const int64_t y = y0 + term.row, x = x0 + term.col;
+          if (y < 0 || y >= g.height || x < 0 || x >= g.width) continue;
+          const float* src = in + ((n * g.height + y) * g.width + x) * channels;
+          if (written) {
+            for (int64_t c = 0; c < channels; ++c) dst[c] += term.coefficient * src[c];
+          } else {
+            for (int64_t c = 0; c < channels; ++c) dst[c] = term.coefficient * src[c];
+            written = true;
+          }
         }
+        if (!written) std::fill(dst, dst + channels, 0.0f);
       }
     }
   });
@@ -126,44 +141,42 @@ ffi::Error WindowsToPlanes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::S
 }
 
 ffi::Error PlanesToPixels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> planes, ffi::Span<const float> matrix,
-                          int64_t window, int64_t stride, ffi::ResultBuffer<ffi::F32> pixels) {
-  const auto in_dims = planes.dimensions();
-  const auto out_dims = pixels->dimensions();
-  const int64_t side = static_cast<int64_t>(matrix.size()) / window;
-  // `matrix` is [window, side] here: the transpose of the windows_to_planes form.
-  std::vector<float> transposed(matrix.size());
-  for (int64_t i = 0; i < window; ++i)
-    for (int64_t a = 0; a < side; ++a) transposed[a * window + i] = matrix[i * side + a];
-  int64_t rows, cols;
-  if (ffi::Error error = CheckShapes(in_dims[0], in_dims[1], in_dims[2], out_dims, side, window, stride,
-                                     &rows, &cols);
+                          int64_t window, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t rows,
+                          int64_t cols, ffi::ResultBuffer<ffi::F32> image) {
+  Grid g;
+  if (ffi::Error error = MakeGrid(image->dimensions(), planes.dimensions(), matrix.size(), window, stride,
+                                  pad_top, pad_left, rows, cols, &g);
       error.failure()) {
     return error;
   }
-  const int64_t height = out_dims[1], width = out_dims[2], channels = out_dims[3];
-  const int64_t tiles = in_dims[1];
-  // For each pixel (i, j) of a window, the planes it receives from: terms grouped by pixel.
+  // `matrix` is [window, side] here, the transpose of the windows_to_planes form.
+  std::vector<float> transposed(matrix.size());
+  for (int64_t i = 0; i < window; ++i)
+    for (int64_t a = 0; a < g.side; ++a) transposed[a * window + i] = matrix[i * g.side + a];
+  // For each window pixel (i, j), the planes it receives from.
   std::vector<std::vector<Term>> by_pixel(window * window);
-  for (const Term& term : TileTerms(ffi::Span<const float>(transposed.data(), transposed.size()), window)) {
-    by_pixel[term.src].push_back({term.src, term.dst * tiles * channels, term.coefficient});
-  }
+  for (const Term& term : TileTerms(transposed, window)) by_pixel[term.row * window + term.col].push_back(term);
+  const int64_t tiles = g.images * g.rows * g.cols, channels = g.channels;
   const float* in = planes.typed_data();
-  float* out = pixels->typed_data();
-  // One unit per output pixel row; it gathers from every tile whose window covers the row.
-  ParallelFor(pool, out_dims[0] * height, [&](int64_t unit) {
-    const int64_t n = unit / height, y = unit % height;
-    float* row = out + unit * width * channels;
-    std::fill(row, row + width * channels, 0.0f);
-    for (int64_t p = std::max<int64_t>(0, (y - window + stride) / stride); p <= std::min(rows - 1, y / stride);
-         ++p) {
-      const int64_t i = y - p * stride;
-      const float* tile_row = in + (n * rows + p) * cols * channels;
-      // Plane by plane, each read in one sequential run along the tile row.
+  float* out = image->typed_data();
+  // One unit per image row, which gathers from every window that covers it: no two units write
+  // the same pixel, and every pixel sums its windows in the same order.
+  ParallelFor(pool, g.images * g.height, [&](int64_t unit) {
+    const int64_t n = unit / g.height, y = unit % g.height + g.pad_top;  // y in window coordinates.
+    float* row = out + unit * g.width * channels;
+    std::fill(row, row + g.width * channels, 0.0f);
+    const int64_t first_p = std::max<int64_t>(0, FloorDiv(y - window, g.stride) + 1);
+    for (int64_t p = first_p; p <= std::min(g.rows - 1, y / g.stride); ++p) {
+      const float* tile_row = in + (n * g.rows + p) * g.cols * channels;
       for (int64_t j = 0; j < window; ++j) {
-        for (const Term& term : by_pixel[i * window + j]) {
-          for (int64_t q = 0; q < cols; ++q) {
-            float* dst = row + (q * stride + j) * channels;
-            const float* src = tile_row + q * channels + term.src;
+        // Windows q whose column j lands inside the image: 0 <= stride * q - pad_left + j < W.
+        const int64_t first_q = std::max<int64_t>(0, FloorDiv(g.pad_left - j - 1, g.stride) + 1);
+        const int64_t last_q = std::min(g.cols - 1, FloorDiv(g.width - 1 + g.pad_left - j, g.stride));
+        // Plane by plane, each read in one sequential run along the row of windows.
+        for (const Term& term : by_pixel[(y - p * g.stride) * window + j]) {
+          for (int64_t q = first_q; q <= last_q; ++q) {
+            float* dst = row + (q * g.stride - g.pad_left + j) * channels;
+            const float* src = tile_row + (term.plane * tiles + q) * channels;
             for (int64_t c = 0; c < channels; ++c) dst[c] += term.coefficient * src[c];
           }
         }
@@ -182,6 +195,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetWindowsToPlanes, WindowsToPlanes,
                                   .Attr<ffi::Span<const float>>("matrix")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols")
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetPlanesToPixels, PlanesToPixels,
@@ -191,4 +208,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetPlanesToPixels, PlanesToPixels,
                                   .Attr<ffi::Span<const float>>("matrix")
                                   .Attr<int64_t>("window")
                                   .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_top")
+                                  .Attr<int64_t>("pad_left")
+                                  .Attr<int64_t>("rows")
+                                  .Attr<int64_t>("cols")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,0 +1,118 @@
+"""The C++ Winograd transforms against NumPy loops over windows, and their fallbacks."""
+
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smsanet_jax import native, ops
+
+
+def windows_to_planes_reference(x, matrix, window, stride, padding):
+    """planes[b * s + a, (n, p, q)] = sum_ij M[a, i] M[b, j] xpad[n, stride p + i, stride q + j], in float64."""
+    xpad = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
+    rows, cols = ((xpad.shape[k] - window) // stride + 1 for k in (1, 2))
+    windows = np.stack([np.stack([xpad[:, stride * p:stride * p + window, stride * q:stride * q + window]
+                                  for q in range(cols)], 1) for p in range(rows)], 1)  # [N, P, Q, i, j, C]
+    planes = np.einsum("ai,bj,npqijc->banpqc", matrix, matrix, windows)
+    return planes.reshape(len(matrix) ** 2, -1, x.shape[-1])
+
+
+def planes_to_pixels_reference(planes, matrix, window, stride, shape, padding):
+    """The transpose of `windows_to_planes_reference`, by adding every window into a padded image."""
+    (top, bottom), (left, right) = padding
+    n, h, w, c = shape
+    rows, cols = (h + top + bottom - window) // stride + 1, (w + left + right - window) // stride + 1
+    side = matrix.shape[1]
+    planes = np.asarray(planes, np.float64).reshape(side, side, n, rows, cols, c)  # [b, a, N, P, Q, C]
+    pixels = np.einsum("ia,jb,banpqc->npqijc", matrix, matrix, planes)
+    image = np.zeros((n, h + top + bottom, w + left + right, c))
+    for p in range(rows):
+        for q in range(cols):
+            image[:, stride * p:stride * p + window, stride * q:stride * q + window] += pixels[:, p, q]
+    return image[:, top:top + h, left:left + w]
+
+
+def random(shape, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+# (matrix, window, stride): the four transforms of ops.py's two Winograd algorithms.
+TRANSFORMS = {
+    "F(2x2,3x3) input": (np.array(ops._F2X2_3X3.b_t), 4, 2),
+    "F(2x2,3x3) output adjoint": (np.array(ops._F2X2_3X3.a_t).T, 2, 2),
+    "F(3x3,2x2) input": (np.array(ops._F3X3_2X2.b_t), 4, 3),
+    "F(3x3,2x2) output adjoint": (np.array(ops._F3X3_2X2.a_t).T, 3, 3),
+}
+# (batch, height, width, channels, padding): odd sizes, channels that are no multiple of the
+# vector width, padding on every side or none, and images smaller than a window.
+GEOMETRIES = [(2, 9, 7, 5, ((1, 2), (1, 1))), (1, 8, 8, 16, ((0, 0), (0, 0))), (1, 2, 3, 3, ((1, 3), (2, 2)))]
+
+
+@pytest.fixture(autouse=True)
+def needs_native():
+    if not native.available():
+        pytest.skip("the native transforms could not be built here")
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("n,h,w,c,padding", GEOMETRIES)
+def test_windows_to_planes_matches_numpy(name, n, h, w, c, padding):
+    matrix, window, stride = TRANSFORMS[name]
+    x = random((n, h, w, c), seed=0)
+    got = native.windows_to_planes(x, matrix, window, stride, padding)
+    chex.assert_trees_all_close(np.asarray(got), windows_to_planes_reference(x, matrix, window, stride, padding),
+                                rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", TRANSFORMS)
+@pytest.mark.parametrize("n,h,w,c,padding", GEOMETRIES)
+def test_planes_to_pixels_is_the_transpose(name, n, h, w, c, padding):
+    """planes_to_pixels takes the transposed matrix, as ops.py's output transform and input adjoint do."""
+    matrix, window, stride = TRANSFORMS[name]
+    planes_shape = windows_to_planes_reference(np.zeros((n, h, w, c)), matrix, window, stride, padding).shape
+    planes = random(planes_shape, seed=1)
+    got = native.planes_to_pixels(planes, matrix.T, window, stride, (n, h, w, c), padding)
+    expected = planes_to_pixels_reference(planes, matrix.T, window, stride, (n, h, w, c), padding)
+    chex.assert_trees_all_close(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_inconsistent_shapes_are_an_error_not_a_crash():
+    x = jnp.ones((1, 6, 6, 3))
+    bad_result = jax.ShapeDtypeStruct((16, 5, 3), jnp.float32)  # 3 x 3 windows would need 9 tiles.
+    call = jax.ffi.ffi_call("smsanet_windows_to_planes", bad_result, vmap_method="sequential")
+    with pytest.raises(Exception, match="shapes do not agree"):
+        call(x, matrix=np.eye(4, dtype=np.float32).ravel(), window=np.int64(4), stride=np.int64(2),
+             pad_top=np.int64(1), pad_left=np.int64(1), rows=np.int64(3), cols=np.int64(3)).block_until_ready()
+
+
+@pytest.fixture
+def fresh_availability():
+    native.available.cache_clear()
+    yield
+    native.available.cache_clear()
+
+
+def test_opting_out_leaves_the_xla_transforms(monkeypatch, fresh_availability):
+    monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    assert not native.available()
+    assert not ops._native_transforms(jnp.ones(3))
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path, fresh_availability):
+    monkeypatch.setenv("SMSANET_NATIVE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="could not build the native Winograd transforms"):
+        assert not native.available()
+    assert list(tmp_path.iterdir()) == []  # No half-built library left behind.
+
+
+def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("SMSANET_NATIVE_CACHE", str(tmp_path))
+    library = native.build()
+    assert list(tmp_path.iterdir()) == [library]
+    built = library.stat().st_mtime_ns
+    assert native.build() == library and library.stat().st_mtime_ns == built

@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import bench_inference  # Beside this file: photo folders and random-weight files for `colorize`.
-from smsanet_jax import colorize, colorspace, config_util, host_memory, inference, ops, parallel, train
+from smsanet_jax import colorize, colorspace, config_util, host_memory, inference, native, ops, parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -392,6 +392,8 @@ def machine() -> dict[str, Any]:
             "cpu_model": cpu_model, "cpu_threads": _cpu_threads(), "jax_version": jax.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "memory_gb": _total_memory_gb(),
+            # `smsanet_jax.native`: the C++ Winograd transforms (CPU only; SMSANET_NATIVE=0 opts out).
+            "native_winograd_transforms": jax.default_backend() == "cpu" and native.available(),
             # `smsanet_jax.host_memory`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
 
@@ -445,6 +447,7 @@ def markdown(results: dict[str, Any]) -> str:
             f"Machine: {m['backend']} backend, device `{m['device_kind']}` x {results['settings']['devices']} "
             f"used ({m['device_count']} present); CPU {m['cpu_model']}, {m['cpu_threads']} threads, "
             f"{m['memory_gb']:.0f} GB; JAX {m['jax_version']}, Python {m['python']}"
+            + ("; native Winograd transforms" if m["native_winograd_transforms"] else "")
             + (f", PyTorch {results['torch_version']}" if results.get("torch_version") else "") + ".",
             f"Load average (1 min) {results['load_average']['start']:.2f} at the start, "
             f"{results['load_average']['end']:.2f} at the end; {results['wall_seconds'] / 60:.1f} min in all; "

@@ -1,4 +1,4 @@
-// Winograd tile transforms for XLA:CPU, as XLA FFI custom calls (see smsanet_jax/native.py).
+// Winograd tile transforms for XLA:CPU, as XLA FFI custom calls (built and loaded by native.py).
 //
 // Every transform that ops.py's Winograd convolution needs is one of two shapes, with a small
 // constant matrix M applied along both spatial axes of each tile:

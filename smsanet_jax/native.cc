@@ -8,7 +8,7 @@
 //   planes_to_pixels: the transpose, summed where windows overlap
 //     (the output transform with M = A^T, and the input transform's adjoint with M = B).
 //
-// Planes are ordered (column b, row a): [planes, N * P * Q tiles, C]; pixels are [N, H, W, C].
+// Planes are ordered (column b, row a): [planes, N, P * Q windows, C]; pixels are [N, H, W, C].
 // XLA's own fusions of these transforms take two passes (rows, then columns) over a 4x expanded
 // array; here each tile is done in cache, in one pass over memory. Both are memory-bound, so the
 // work is split over XLA's intra-op threads by rows of tiles (or of pixels): no two threads write
@@ -90,9 +90,9 @@ ffi::Error MakeGrid(ffi::Span<const int64_t> image, ffi::Span<const int64_t> pla
                     int64_t window, int64_t stride, int64_t pad_top, int64_t pad_left, int64_t rows,
                     int64_t cols, Grid* grid) {
   const int64_t side = window > 0 ? matrix_size / window : 0;
-  if (image.size() != 4 || planes.size() != 3 || window < 1 || stride < 1 || pad_top < 0 || pad_left < 0 ||
-      rows < 0 || cols < 0 || side * window != matrix_size || planes[0] != side * side || planes[1] != image[0] * rows * cols ||
-      planes[2] != image[3]) {
+  if (image.size() != 4 || planes.size() != 4 || window < 1 || stride < 1 || pad_top < 0 || pad_left < 0 ||
+      rows < 0 || cols < 0 || side * window != matrix_size || planes[0] != side * side || planes[1] != image[0] ||
+      planes[2] != rows * cols || planes[3] != image[3]) {
     return ffi::Error::InvalidArgument(
         "smsanet winograd transform: the image, plane and matrix shapes do not agree");
   }

@@ -21,8 +21,12 @@ import pathlib
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxlib
 import numpy as np
 
@@ -91,12 +95,91 @@ def available() -> bool:
     return True
 
 
-def _window_counts(image_shape: tuple[int, ...], window: int, stride: int, padding) -> dict[str, np.int64]:
-    """The kernels' geometry attributes: leading padding and windows per column and row."""
+class _Geometry(NamedTuple):
+    """A transform's static attributes (hashable, for `custom_partitioning`)."""
+    matrix: tuple[tuple[float, ...], ...]
+    window: int
+    stride: int
+    pad_top: int
+    pad_left: int
+    rows: int  # Windows per image column and row.
+    cols: int
+    height: int  # Of the image.
+    width: int
+
+    def attributes(self) -> dict[str, Any]:
+        """The FFI attributes: `height` and `width` come from the image buffer's own shape."""
+        attributes = {name: np.int64(value) for name, value in self._asdict().items()
+                      if name not in ("matrix", "height", "width")}
+        return {**attributes, "matrix": np.asarray(self.matrix, np.float32).ravel()}
+
+
+def _geometry(matrix, window: int, stride: int, image_shape: tuple[int, ...], padding) -> _Geometry:
     (top, bottom), (left, right) = padding
-    return {"pad_top": np.int64(top), "pad_left": np.int64(left),
-            "rows": np.int64((image_shape[1] + top + bottom - window) // stride + 1),
-            "cols": np.int64((image_shape[2] + left + right - window) // stride + 1)}
+    height, width = image_shape[1:3]
+    return _Geometry(tuple(map(tuple, np.asarray(matrix, np.float32).tolist())), window, stride, top, left,
+                     (height + top + bottom - window) // stride + 1, (width + left + right - window) // stride + 1,
+                     height, width)
+
+
+def _windows_to_planes_call(x: jax.Array, geometry: _Geometry) -> jax.Array:
+    """The custom call on one device's images: [N, H, W, C] -> [s * s, N, P * Q, C]."""
+    result = jax.ShapeDtypeStruct((len(geometry.matrix) ** 2, x.shape[0], geometry.rows * geometry.cols, x.shape[3]),
+                                  x.dtype)
+    return jax.ffi.ffi_call("smsanet_windows_to_planes", result, vmap_method="sequential")(
+            x, **geometry.attributes())
+
+
+def _planes_to_pixels_call(planes: jax.Array, geometry: _Geometry) -> jax.Array:
+    """The custom call on one device's images: [s * s, N, P * Q, C] -> [N, H, W, C]."""
+    result = jax.ShapeDtypeStruct((planes.shape[1], geometry.height, geometry.width, planes.shape[3]), planes.dtype)
+    return jax.ffi.ffi_call("smsanet_planes_to_pixels", result, vmap_method="sequential")(
+            planes, **geometry.attributes())
+
+
+def _split_by_image(call: Callable, image_axes: tuple[int, int], rule: str, replicated: tuple[str, ...]) -> Callable:
+    """`call(array, geometry)`, partitioned over the image axis of its operand and result.
+
+    XLA cannot see inside a custom call, so by default it gathers a sharded batch onto every
+    device and transforms all of it on each. Every image's transform is independent: each device
+    transforms its own images (at `image_axes` = (operand axis, result axis)), the other axes
+    whole.
+    """
+    partitioned = custom_partitioning(call, static_argnums=(1,))
+
+    def shardings(mesh, arg_shapes, result_shape):
+        operand = arg_shapes[0]
+        spec = tuple(operand.sharding.spec) + (None,) * operand.ndim
+        images = spec[image_axes[0]]
+        operand_spec, result_spec = [None] * operand.ndim, [None] * result_shape.ndim
+        operand_spec[image_axes[0]], result_spec[image_axes[1]] = images, images
+        return NamedSharding(mesh, P(*operand_spec)), NamedSharding(mesh, P(*result_spec))
+
+    def partition(geometry, mesh, arg_shapes, result_shape):
+        operand_sharding, result_sharding = shardings(mesh, arg_shapes, result_shape)
+        return mesh, functools.partial(call, geometry=geometry), result_sharding, (operand_sharding,)
+
+    def infer_sharding(geometry, mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes, result_shape)[1]
+
+    partitioned.def_partition(partition, infer_sharding_from_operands=infer_sharding, sharding_rule=rule,
+                              need_replication_factors=replicated)
+    return partitioned
+
+
+# The transforms mix pixels (h, w) with planes (t) and windows (k) within one image (n).
+_windows_to_planes = _split_by_image(_windows_to_planes_call, (0, 1), "n h w c -> t n k c", ("h", "w"))
+_planes_to_pixels = _split_by_image(_planes_to_pixels_call, (1, 0), "t n k c -> n h w c", ("t", "k"))
+
+
+def _partitioned(call: Callable, partitioned: Callable) -> Callable:
+    """`partitioned` where a computation can span devices, else `call` itself.
+
+    A `custom_partitioning` op puts a pointer to its Python callback into the program, so such
+    programs never hit JAX's persistent compilation cache in another process: single-device
+    processes (every CPU training run but the multi-host tests) are spared it.
+    """
+    return partitioned if jax.device_count() > 1 else call
 
 
 def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((0, 0), (0, 0))) -> jax.Array:
@@ -106,12 +189,9 @@ def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((
     `padding` ((top, bottom), (left, right)), P x Q of them; plane b * s + a of window d is
     sum_ij M[a, i] M[b, j] d[i, j] for the [s, window] matrix M.
     """
-    matrix = np.asarray(matrix, np.float32)
-    geometry = _window_counts(x.shape, window, stride, padding)
-    tiles = x.shape[0] * int(geometry["rows"]) * int(geometry["cols"])
-    result = jax.ShapeDtypeStruct((matrix.shape[0] ** 2, tiles, x.shape[3]), x.dtype)
-    return jax.ffi.ffi_call("smsanet_windows_to_planes", result, vmap_method="sequential")(
-            x, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride), **geometry)
+    planes = _partitioned(_windows_to_planes_call, _windows_to_planes)(
+            x, _geometry(matrix, window, stride, x.shape, padding))
+    return planes.reshape(planes.shape[0], -1, planes.shape[3])
 
 
 def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int, shape: tuple[int, int, int, int],
@@ -122,8 +202,6 @@ def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int, shape:
     adds sum_ab M[i, a] M[j, b] planes[b * s + a] to pixel (stride * p + i, stride * q + j) of
     that frame; what lands on the padding is dropped.
     """
-    matrix = np.asarray(matrix, np.float32)
-    result = jax.ShapeDtypeStruct(shape, planes.dtype)
-    return jax.ffi.ffi_call("smsanet_planes_to_pixels", result, vmap_method="sequential")(
-            planes, matrix=matrix.ravel(), window=np.int64(window), stride=np.int64(stride),
-            **_window_counts(shape, window, stride, padding))
+    geometry = _geometry(matrix, window, stride, shape, padding)
+    planes = planes.reshape(planes.shape[0], shape[0], geometry.rows * geometry.cols, planes.shape[2])
+    return _partitioned(_planes_to_pixels_call, _planes_to_pixels)(planes, geometry)

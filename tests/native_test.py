@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smsanet_jax import native, ops
+from smsanet_jax import native, ops, parallel
 
 
 def windows_to_planes_reference(x, matrix, window, stride, padding):
@@ -85,9 +85,29 @@ def test_planes_to_pixels_is_the_transpose(name, n, h, w, c, padding):
     chex.assert_trees_all_close(np.asarray(got), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_sharded_batch_is_transformed_where_it_lies():
+    """Over the 8 test devices each transforms its own images: no all-gather, the same planes."""
+    matrix, window, stride = TRANSFORMS["F(2x2,3x3) input"]
+    padding = ((1, 1), (1, 1))
+    batch = parallel.batch_sharded(parallel.make_mesh())
+    x = jax.device_put(random((8, 6, 6, 16), seed=2), batch)
+    planes_fn = jax.jit(lambda x: native.windows_to_planes(x, matrix, window, stride, padding))
+    pixels_fn = jax.jit(lambda planes: native.planes_to_pixels(planes, matrix.T, window, stride, x.shape, padding))
+    planes = planes_fn(x)
+    for compiled in (planes_fn.lower(x).compile(), pixels_fn.lower(planes).compile()):
+        assert "all-gather" not in compiled.as_text()
+    # The single-device form of the same calls.
+    expected_planes = native._windows_to_planes_call(
+            np.asarray(x), native._geometry(matrix, window, stride, x.shape, padding))
+    chex.assert_trees_all_close(planes, expected_planes.reshape(planes.shape))
+    expected_pixels = native._planes_to_pixels_call(
+            expected_planes, native._geometry(matrix.T, window, stride, x.shape, padding))
+    chex.assert_trees_all_close(pixels_fn(planes), expected_pixels)
+
+
 def test_inconsistent_shapes_are_an_error_not_a_crash():
     x = jnp.ones((1, 6, 6, 3))
-    bad_result = jax.ShapeDtypeStruct((16, 5, 3), jnp.float32)  # 3 x 3 windows would need 9 tiles.
+    bad_result = jax.ShapeDtypeStruct((16, 1, 5, 3), jnp.float32)  # 3 x 3 windows would need 9 tiles.
     call = jax.ffi.ffi_call("smsanet_windows_to_planes", bad_result, vmap_method="sequential")
     with pytest.raises(Exception, match="shapes do not agree"):
         call(x, matrix=np.eye(4, dtype=np.float32).ravel(), window=np.int64(4), stride=np.int64(2),

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxlib
@@ -172,14 +173,35 @@ _windows_to_planes = _split_by_image(_windows_to_planes_call, (0, 1), "n h w c -
 _planes_to_pixels = _split_by_image(_planes_to_pixels_call, (1, 0), "t n k c -> n h w c", ("t", "k"))
 
 
-def _partitioned(call: Callable, partitioned: Callable) -> Callable:
-    """`partitioned` where a computation can span devices, else `call` itself.
+def _over_images(call: Callable, partitioned: Callable, geometry: _Geometry,
+                 image_axes: tuple[int, int]) -> Callable[[jax.Array], jax.Array]:
+    """`call(array, geometry)` as a function of `array` that shards and vmaps by image.
 
-    A `custom_partitioning` op puts a pointer to its Python callback into the program, so such
-    programs never hit JAX's persistent compilation cache in another process: single-device
-    processes (every CPU training run but the multi-host tests) are spared it.
+    Across devices it is `partitioned`: a `custom_partitioning` op puts a pointer to its Python
+    callback into the program, so such programs never hit JAX's persistent compilation cache in
+    another process, and single-device processes (every CPU training run but the multi-host tests)
+    are spared it. Under `jax.vmap` (which `custom_partitioning` does not support) the mapped
+    axis joins the images (`image_axes` = (operand axis, result axis)): one call for all.
     """
-    return partitioned if jax.device_count() > 1 else call
+    operand_axis, result_axis = image_axes
+
+    @jax.custom_batching.custom_vmap
+    def transform(array):
+        return (partitioned if jax.device_count() > 1 else call)(array, geometry)
+
+    @transform.def_vmap
+    def batched_transform(axis_size, in_batched, array):
+        del axis_size  # The array's leading axis.
+        if not in_batched[0]:
+            return _over_images(call, partitioned, geometry, image_axes)(array), False
+        array = jnp.moveaxis(array, 0, operand_axis)
+        merged = array.reshape(*array.shape[:operand_axis], -1, *array.shape[operand_axis + 2:])
+        result = _over_images(call, partitioned, geometry, image_axes)(merged)
+        result = result.reshape(*result.shape[:result_axis], array.shape[operand_axis], -1,
+                                *result.shape[result_axis + 1:])
+        return jnp.moveaxis(result, result_axis, 0), True
+
+    return transform
 
 
 def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((0, 0), (0, 0))) -> jax.Array:
@@ -189,8 +211,8 @@ def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((
     `padding` ((top, bottom), (left, right)), P x Q of them; plane b * s + a of window d is
     sum_ij M[a, i] M[b, j] d[i, j] for the [s, window] matrix M.
     """
-    planes = _partitioned(_windows_to_planes_call, _windows_to_planes)(
-            x, _geometry(matrix, window, stride, x.shape, padding))
+    geometry = _geometry(matrix, window, stride, x.shape, padding)
+    planes = _over_images(_windows_to_planes_call, _windows_to_planes, geometry, (0, 1))(x)
     return planes.reshape(planes.shape[0], -1, planes.shape[3])
 
 
@@ -204,4 +226,4 @@ def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int, shape:
     """
     geometry = _geometry(matrix, window, stride, shape, padding)
     planes = planes.reshape(planes.shape[0], shape[0], geometry.rows * geometry.cols, planes.shape[2])
-    return _partitioned(_planes_to_pixels_call, _planes_to_pixels)(planes, geometry)
+    return _over_images(_planes_to_pixels_call, _planes_to_pixels, geometry, (1, 0))(planes)

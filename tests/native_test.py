@@ -105,6 +105,23 @@ def test_a_sharded_batch_is_transformed_where_it_lies():
     chex.assert_trees_all_close(pixels_fn(planes), expected_pixels)
 
 
+def test_vmap_joins_the_images():
+    """Under (nested) vmap, the same as transforming each batch on its own."""
+    matrix, window, stride = TRANSFORMS["F(3x3,2x2) input"]
+    padding = ((1, 0), (0, 1))
+    x = random((2, 3, 2, 5, 4, 4), seed=3)  # [vmap, vmap, N, H, W, C]
+
+    def round_trip(x):
+        planes = native.windows_to_planes(x, matrix, window, stride, padding)
+        return planes, native.planes_to_pixels(planes, matrix.T, window, stride, x.shape, padding)
+
+    planes, pixels = jax.jit(jax.vmap(jax.vmap(round_trip)))(x)
+    for i in range(2):
+        for j in range(3):
+            expected = round_trip(x[i, j])
+            chex.assert_trees_all_close((planes[i, j], pixels[i, j]), expected)
+
+
 def test_inconsistent_shapes_are_an_error_not_a_crash():
     x = jnp.ones((1, 6, 6, 3))
     bad_result = jax.ShapeDtypeStruct((16, 1, 5, 3), jnp.float32)  # 3 x 3 windows would need 9 tiles.

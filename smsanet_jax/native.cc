@@ -75,6 +75,10 @@ std::vector<Term> TileTerms(const std::vector<float>& matrix, int64_t window) {
   return terms;
 }
 
+// Work is split by rows of windows (or of pixels), and wide channel axes into slices of this many
+// channels too: a kernel transform ([3, 3, I * O] as one window) is a single row.
+constexpr int64_t kSliceChannels = 4096;
+
 int64_t FloorDiv(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
 
 // The geometry both transforms share: window (p, q) of image n starts at pixel
@@ -113,27 +117,30 @@ ffi::Error WindowsToPlanes(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> image, ff
   const int64_t tiles = g.images * g.rows * g.cols, channels = g.channels;
   const float* in = image.typed_data();
   float* out = planes->typed_data();
-  ParallelFor(pool, g.images * g.rows, [&](int64_t unit) {
-    const int64_t n = unit / g.rows, y0 = unit % g.rows * g.stride - g.pad_top;
+  const int64_t slices = (channels + kSliceChannels - 1) / kSliceChannels;
+  ParallelFor(pool, g.images * g.rows * slices, [&](int64_t unit) {
+    const int64_t window_row = unit / slices, first = unit % slices * kSliceChannels;
+    const int64_t count = std::min(kSliceChannels, channels - first);
+    const int64_t n = window_row / g.rows, y0 = window_row % g.rows * g.stride - g.pad_top;
     for (int64_t q = 0; q < g.cols; ++q) {
-      const int64_t x0 = q * g.stride - g.pad_left, tile = unit * g.cols + q;
+      const int64_t x0 = q * g.stride - g.pad_left, tile = window_row * g.cols + q;
       for (size_t t = 0; t < terms.size();) {
         const int64_t plane = terms[t].plane;
-        float* dst = out + (plane * tiles + tile) * channels;
+        float* dst = out + (plane * tiles + tile) * channels + first;
         bool written = false;
         for (; t < terms.size() && terms[t].plane == plane; ++t) {
           const Term& term = terms[t];
           const int64_t y = y0 + term.row, x = x0 + term.col;
           if (y < 0 || y >= g.height || x < 0 || x >= g.width) continue;
-          const float* src = in + ((n * g.height + y) * g.width + x) * channels;
+          const float* src = in + ((n * g.height + y) * g.width + x) * channels + first;
           if (written) {
-            for (int64_t c = 0; c < channels; ++c) dst[c] += term.coefficient * src[c];
+            for (int64_t c = 0; c < count; ++c) dst[c] += term.coefficient * src[c];
           } else {
-            for (int64_t c = 0; c < channels; ++c) dst[c] = term.coefficient * src[c];
+            for (int64_t c = 0; c < count; ++c) dst[c] = term.coefficient * src[c];
             written = true;
           }
         }
-        if (!written) std::fill(dst, dst + channels, 0.0f);
+        if (!written) std::fill(dst, dst + count, 0.0f);
       }
     }
   });
@@ -159,15 +166,18 @@ ffi::Error PlanesToPixels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> planes, ff
   const int64_t tiles = g.images * g.rows * g.cols, channels = g.channels;
   const float* in = planes.typed_data();
   float* out = image->typed_data();
-  // One unit per image row, which gathers from every window that covers it: no two units write
-  // the same pixel, and every pixel sums its windows in the same order.
-  ParallelFor(pool, g.images * g.height, [&](int64_t unit) {
-    const int64_t n = unit / g.height, y = unit % g.height + g.pad_top;  // y in window coordinates.
-    float* row = out + unit * g.width * channels;
-    std::fill(row, row + g.width * channels, 0.0f);
+  // One unit per image row (and channel slice), which gathers from every window that covers it:
+  // no two units write the same pixel, and every pixel sums its windows in the same order.
+  const int64_t slices = (channels + kSliceChannels - 1) / kSliceChannels;
+  ParallelFor(pool, g.images * g.height * slices, [&](int64_t unit) {
+    const int64_t image_row = unit / slices, first = unit % slices * kSliceChannels;
+    const int64_t count = std::min(kSliceChannels, channels - first);
+    const int64_t n = image_row / g.height, y = image_row % g.height + g.pad_top;  // y in window coordinates.
+    float* row = out + image_row * g.width * channels + first;
+    for (int64_t x = 0; x < g.width; ++x) std::fill(row + x * channels, row + x * channels + count, 0.0f);
     const int64_t first_p = std::max<int64_t>(0, FloorDiv(y - window, g.stride) + 1);
     for (int64_t p = first_p; p <= std::min(g.rows - 1, y / g.stride); ++p) {
-      const float* tile_row = in + (n * g.rows + p) * g.cols * channels;
+      const float* tile_row = in + (n * g.rows + p) * g.cols * channels + first;
       for (int64_t j = 0; j < window; ++j) {
         // Windows q whose column j lands inside the image: 0 <= stride * q - pad_left + j < W.
         const int64_t first_q = std::max<int64_t>(0, FloorDiv(g.pad_left - j - 1, g.stride) + 1);
@@ -177,7 +187,7 @@ ffi::Error PlanesToPixels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> planes, ff
           for (int64_t q = first_q; q <= last_q; ++q) {
             float* dst = row + (q * g.stride - g.pad_left + j) * channels;
             const float* src = tile_row + (term.plane * tiles + q) * channels;
-            for (int64_t c = 0; c < channels; ++c) dst[c] += term.coefficient * src[c];
+            for (int64_t c = 0; c < count; ++c) dst[c] += term.coefficient * src[c];
           }
         }
       }

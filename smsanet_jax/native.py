@@ -116,6 +116,10 @@ class _Geometry(NamedTuple):
 
 
 def _geometry(matrix, window: int, stride: int, image_shape: tuple[int, ...], padding) -> _Geometry:
+    """The attributes of a transform; registers the kernels (they must be `available()`)."""
+    if not available():
+        raise RuntimeError("the native Winograd transforms are not available (see the warning, or "
+                           f"{DISABLE_VARIABLE}=0): use ops.py's XLA formulations")
     (top, bottom), (left, right) = padding
     height, width = image_shape[1:3]
     return _Geometry(tuple(map(tuple, np.asarray(matrix, np.float32).tolist())), window, stride, top, left,

@@ -353,15 +353,21 @@ def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorit
 def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
     """[r, r, I, O] -> [tile planes, I, O]: G g G^T."""
     r = len(algorithm.g[0])
+    if _native_transforms(kernel):  # As an image of one r x r window with I * O channels.
+        planes = native.windows_to_planes(kernel.reshape(1, r, r, -1), algorithm.g, r, r)
+        return planes.reshape(-1, *kernel.shape[2:])
     rows = _combine(algorithm.g, [kernel[i] for i in range(r)], 0)  # [row, r, I, O]
     return _combine(algorithm.g, [rows[:, j] for j in range(r)], 0).reshape(-1, *kernel.shape[2:])
 
 
 def _winograd_kernel_adjoint(dkernel_tiles: jax.Array, algorithm: _Winograd) -> jax.Array:
     """The adjoint of `_winograd_kernel_tiles`: [tile planes, I, O] -> [r, r, I, O]."""
-    size = len(algorithm.b_t)
+    size, r, g = len(algorithm.b_t), len(algorithm.g[0]), _transposed(algorithm.g)
+    if _native_transforms(dkernel_tiles):
+        cin, cout = dkernel_tiles.shape[1:]
+        pixels = native.planes_to_pixels(dkernel_tiles.reshape(size * size, 1, -1), g, r, r, (1, r, r, cin * cout))
+        return pixels.reshape(r, r, cin, cout)
     dkernel_tiles = dkernel_tiles.reshape(size, size, *dkernel_tiles.shape[1:])  # [column, row, I, O]
-    g = _transposed(algorithm.g)
     rows = _combine(g, [dkernel_tiles[:, i] for i in range(size)], 0)  # [r rows, column, I, O]
     return _combine(g, [rows[:, j] for j in range(size)], 1)
 

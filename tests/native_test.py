@@ -43,16 +43,21 @@ def random(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-# (matrix, window, stride): the four transforms of ops.py's two Winograd algorithms.
+# (matrix, window, stride): the transforms of ops.py's two Winograd algorithms (the output
+# transforms and adjoints are these, transposed).
 TRANSFORMS = {
     "F(2x2,3x3) input": (np.array(ops._F2X2_3X3.b_t), 4, 2),
     "F(2x2,3x3) output adjoint": (np.array(ops._F2X2_3X3.a_t).T, 2, 2),
+    "F(2x2,3x3) kernel": (np.array(ops._F2X2_3X3.g), 3, 3),
     "F(3x3,2x2) input": (np.array(ops._F3X3_2X2.b_t), 4, 3),
     "F(3x3,2x2) output adjoint": (np.array(ops._F3X3_2X2.a_t).T, 3, 3),
+    "F(3x3,2x2) kernel": (np.array(ops._F3X3_2X2.g), 2, 2),
 }
 # (batch, height, width, channels, padding): odd sizes, channels that are no multiple of the
-# vector width, padding on every side or none, and images smaller than a window.
-GEOMETRIES = [(2, 9, 7, 5, ((1, 2), (1, 1))), (1, 8, 8, 16, ((0, 0), (0, 0))), (1, 2, 3, 3, ((1, 3), (2, 2)))]
+# vector width or that the kernels split into slices (> 4096), padding on every side or none,
+# and images smaller than a window.
+GEOMETRIES = [(2, 9, 7, 5, ((1, 2), (1, 1))), (1, 8, 8, 16, ((0, 0), (0, 0))), (1, 2, 3, 3, ((1, 3), (2, 2))),
+              (1, 5, 4, 4100, ((1, 1), (0, 1)))]
 
 
 @pytest.fixture(autouse=True)

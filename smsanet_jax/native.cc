@@ -1,23 +1,26 @@
-// Winograd tile transforms for XLA:CPU, as XLA FFI custom calls (built and loaded by native.py).
+// Winograd transforms for XLA:CPU, as XLA FFI custom calls (built and loaded by native.py).
 //
 // Every transform that ops.py's Winograd convolution needs is one of two shapes, with a small
-// constant matrix M applied along both spatial axes of each tile:
+// constant matrix M applied along both spatial axes of each window:
 //
-//   windows_to_planes: plane (b, a) of tile (p, q) = sum_ij M[a][i] M[b][j] x[s*p + i, s*q + j]
-//     (the input transform with M = B^T, and the output transform's adjoint with M = A);
-//   planes_to_pixels: the transpose, summed where windows overlap
-//     (the output transform with M = A^T, and the input transform's adjoint with M = B).
+//   windows_to_planes: plane (b, a) of window (p, q) = sum_ij M[a][i] M[b][j] x[s*p + i, s*q + j]
+//     (the input transform with M = B^T, the output transform's adjoint with M = A, and the
+//     kernel transform with M = G on a kernel seen as one r x r window of I * O channels);
+//   planes_to_pixels: the transpose, summed where windows overlap (the output transform with
+//     M = A^T, the input transform's adjoint with M = B, the kernel's with M = G^T).
 //
-// Planes are ordered (column b, row a): [planes, N, P * Q windows, C]; pixels are [N, H, W, C].
-// XLA's own fusions of these transforms take two passes (rows, then columns) over a 4x expanded
-// array; here each tile is done in cache, in one pass over memory. Both are memory-bound, so the
-// work is split over XLA's intra-op threads by rows of tiles (or of pixels): no two threads write
-// the same memory, and the sums are in the same order as the single-threaded ones.
+// Windows start at s*p - pad_top (s*q - pad_left): pixels outside the image read as zero, and
+// what falls outside it is dropped. Planes are ordered (column b, row a):
+// [planes, N, P * Q windows, C]; pixels are [N, H, W, C]. XLA's own fusions of these transforms
+// take two passes (rows, then columns) over a 4x expanded array; here each window is done in
+// cache, in one pass over memory. Both are memory-bound, so the work is split over XLA's
+// intra-op threads: no two threads write the same memory, and every sum is in a fixed order.
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -56,8 +59,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t units, const Body& body) {
   // nothing but `progress`: every unit it claimed completed before the caller returned.
   for (int64_t i = 0; i < helpers; ++i) pool.Schedule([work] { work(); });
   work();
-  while (progress->done.load(std::memory_order_acquire) < units) {
-  }
+  while (progress->done.load(std::memory_order_acquire) < units) std::this_thread::yield();
 }
 
 // The tile map's non-zeros, grouped by plane: plane (b, a) <- window pixel (i, j) with

@@ -1,14 +1,15 @@
-"""Native (C++) XLA:CPU kernels for the Winograd tile transforms, built on first use.
+"""Native (C++) XLA:CPU kernels for the Winograd transforms, built on first use.
 
-The transforms move 4x the activations through memory and are a quarter of a CPU training step.
-XLA fuses each into two passes over a 4x expanded array, and the zero padding into a copy of its
-own; `native.cc` does a tile at a time in cache, in one pass, padding included: 1.3-2x faster per
-transform, 6-10% on the SMSANet step. It is compiled with the machine's C++ compiler ($CXX, else
-g++) against the XLA FFI headers of the installed jaxlib, the first time a process needs it, and
-cached in $SMSANET_NATIVE_CACHE (default ~/.cache/smsanet_jax) under a name that hashes the
-source, the jaxlib version, the compiler and the CPU, so a cache shared by different machines or
-upgrades never serves a stale build. Without a compiler (after one warning), or with
-SMSANET_NATIVE=0, `available()` is False and ops.py keeps its XLA formulations of the transforms.
+The tile transforms move 4x the activations through memory and were a quarter of a CPU training
+step. XLA fuses each into two passes over a 4x expanded array, and the zero padding into a copy
+of its own; `native.cc` does a tile at a time in cache, in one pass, padding included: 1.3-2x
+faster per transform, about 10% on the SMSANet step with the kernel transforms. It is compiled
+with the machine's C++ compiler ($CXX, else g++) against the XLA FFI headers of the installed
+jaxlib, the first time a process needs it, and cached in $SMSANET_NATIVE_CACHE (default
+~/.cache/smsanet_jax) under a name that hashes the source, the jaxlib version, the compiler and
+the CPU, so a cache shared by different machines or upgrades never serves a stale build. Without
+a compiler (after one warning), or with SMSANET_NATIVE=0, `available()` is False and ops.py keeps
+its XLA formulations of the transforms.
 """
 
 from __future__ import annotations
@@ -80,19 +81,27 @@ def build() -> pathlib.Path:
 
 
 @functools.cache
+def _registered_library() -> ctypes.CDLL:
+    """Builds and loads the library and registers its kernels with XLA:CPU: once per process,
+    as XLA refuses a second registration of the same names from another file."""
+    library = ctypes.cdll.LoadLibrary(str(build()))
+    for target, symbol in _TARGETS.items():
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library
+
+
+@functools.cache
 def available() -> bool:
-    """Whether the native transforms are built and registered with XLA:CPU (once per process)."""
+    """Whether the native transforms are built and registered (decided once per process)."""
     if os.environ.get(DISABLE_VARIABLE) == "0":
         return False
     try:
-        library = ctypes.cdll.LoadLibrary(str(build()))
+        _registered_library()
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
         warnings.warn(f"smsanet_jax: could not build the native Winograd transforms ({detail}); "
                       "using the XLA ones, which are slower", RuntimeWarning, stacklevel=2)
         return False
-    for target, symbol in _TARGETS.items():
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return True
 
 

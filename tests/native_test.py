@@ -149,12 +149,24 @@ def test_opting_out_leaves_the_xla_transforms(monkeypatch, fresh_availability):
     assert not ops._native_transforms(jnp.ones(3))
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch, tmp_path, fresh_availability):
+def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     monkeypatch.setenv("SMSANET_NATIVE_CACHE", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(OSError):
+        native.build()
+    assert list(tmp_path.iterdir()) == []  # No half-built library.
+
+
+def test_a_failed_build_warns_and_falls_back(monkeypatch, fresh_availability):
+    def fail():
+        raise OSError("no compiler")
+
+    # The library stays registered in this process: XLA takes each kernel name once.
+    monkeypatch.setattr(native, "_registered_library", fail)
     with pytest.warns(RuntimeWarning, match="could not build the native Winograd transforms"):
         assert not native.available()
-    assert list(tmp_path.iterdir()) == []  # No half-built library left behind.
+    with pytest.raises(RuntimeError, match="not available"):
+        native.windows_to_planes(jnp.ones((1, 4, 4, 1)), np.eye(4), 4, 2)
 
 
 def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):

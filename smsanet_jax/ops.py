@@ -9,7 +9,9 @@ Each op has two implementations with identical parameters and results:
   weight gradient of the transposed (input-dilated) convolution takes 30-300x as long as its
   forward pass; and a 1x1 convolution takes a generic loop several times slower than the matmul it is.
   3x3 convolutions with at least 64 input and output channels go further: Winograd F(2x2, 3x3),
-  2.25x fewer multiplications than any direct form, in the forward pass and both gradients.
+  2.25x fewer multiplications than any direct form, in the forward pass and both gradients. The
+  Winograd transforms of float32 tensors run as C++ custom calls (`native`) where they can be
+  built; the XLA formulations here serve everything else and are the reference.
 
 "auto" picks "cpu" on the CPU backend and "xla" elsewhere.
 """

@@ -198,30 +198,22 @@ ffi::Error PlanesToPixels(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> planes, ff
   return ffi::Error::Success();
 }
 
+// Both transforms take the same operands and attributes.
+auto TransformBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Attr<ffi::Span<const float>>("matrix")
+      .Attr<int64_t>("window")
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("pad_top")
+      .Attr<int64_t>("pad_left")
+      .Attr<int64_t>("rows")
+      .Attr<int64_t>("cols")
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetWindowsToPlanes, WindowsToPlanes,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const float>>("matrix")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("rows")
-                                  .Attr<int64_t>("cols")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetPlanesToPixels, PlanesToPixels,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<ffi::Span<const float>>("matrix")
-                                  .Attr<int64_t>("window")
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("pad_top")
-                                  .Attr<int64_t>("pad_left")
-                                  .Attr<int64_t>("rows")
-                                  .Attr<int64_t>("cols")
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetWindowsToPlanes, WindowsToPlanes, TransformBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SmsanetPlanesToPixels, PlanesToPixels, TransformBinding());

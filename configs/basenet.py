@@ -1,6 +1,6 @@
 """Table 3 row "BaseNet, Huber": the SIGGRAPH17 generator alone, Huber loss only.
 
-  smsanet-jax train --config configs/basenet.py --workdir runs/basenet
+smsanet-jax train --config configs/basenet.py --workdir runs/basenet
 """
 
 from configs import smsanet

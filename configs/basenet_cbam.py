@@ -1,6 +1,6 @@
 """Table 2 row "BaseNet + CBAM": CBAM in place of SMSA, Huber loss only.
 
-  smsanet-jax train --config configs/basenet_cbam.py --workdir runs/basenet_cbam
+smsanet-jax train --config configs/basenet_cbam.py --workdir runs/basenet_cbam
 """
 
 from configs import smsanet

@@ -1,6 +1,6 @@
 """Table 2 row "BaseNet + SENet": SE in place of SMSA, Huber loss only.
 
-  smsanet-jax train --config configs/basenet_se.py --workdir runs/basenet_se
+smsanet-jax train --config configs/basenet_se.py --workdir runs/basenet_se
 """
 
 from configs import smsanet

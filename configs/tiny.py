@@ -1,6 +1,6 @@
 """The smallest useful model, for tests: 32x32 crops, width 8, a few seconds per step on a CPU.
 
-  smsanet-jax train --config configs/tiny.py --workdir /tmp/tiny
+smsanet-jax train --config configs/tiny.py --workdir /tmp/tiny
 """
 
 from configs import quickstart

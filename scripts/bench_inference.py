@@ -56,18 +56,32 @@ def main() -> None:
         colorizer = inference.load_colorizer(params=weights, config=args.config, overrides=overrides)
         photos = os.path.join(tmp, "photos")
         _photos(photos, args.images, (1024, 768))
-        seconds = _timed(lambda run: colorize.colorize(colorizer, [photos], os.path.join(tmp, f"colorized_{run}"),
-                                                       batch_size=args.batch_size))
+        seconds = _timed(
+            lambda run: colorize.colorize(
+                colorizer, [photos], os.path.join(tmp, f"colorized_{run}"), batch_size=args.batch_size
+            )
+        )
         width = colorizer.provenance["config"]["model"]["width"]
-        print(f"colorize  1024x768 -> 1024x768, width {width}: {args.images / seconds:.2f} images/s "
-              f"({seconds / args.images:.2f} s/image, {jax.device_count()} {jax.default_backend()} devices)",
-              file=sys.stderr)
+        print(
+            f"colorize  1024x768 -> 1024x768, width {width}: {args.images / seconds:.2f} images/s "
+            f"({seconds / args.images:.2f} s/image, {jax.device_count()} {jax.default_backend()} devices)",
+            file=sys.stderr,
+        )
         with open(os.devnull, "w", encoding="utf-8") as quiet:
-            seconds = _timed(lambda run: evaluate.evaluate(colorizer, evaluate.FolderImages(photos),
-                                                           os.path.join(tmp, f"eval_{run}"),
-                                                           batch_size=args.batch_size, stream=quiet))
-        print(f"evaluate  256x256 crops of 1024x768 JPEGs, width {width}: {args.images / seconds:.2f} images/s "
-              f"({seconds / args.images:.2f} s/image)", file=sys.stderr)
+            seconds = _timed(
+                lambda run: evaluate.evaluate(
+                    colorizer,
+                    evaluate.FolderImages(photos),
+                    os.path.join(tmp, f"eval_{run}"),
+                    batch_size=args.batch_size,
+                    stream=quiet,
+                )
+            )
+        print(
+            f"evaluate  256x256 crops of 1024x768 JPEGs, width {width}: {args.images / seconds:.2f} images/s "
+            f"({seconds / args.images:.2f} s/image)",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

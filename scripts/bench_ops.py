@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,8 +56,7 @@ def make_op(case: Case, impl: str) -> Callable[[jax.Array, jax.Array], jax.Array
     if case.op == "convT":
         return lambda x, k: ops.conv_transpose_4x4_s2(x, k, impl=impl)
     pad = case.dilation * (case.kernel - 1) // 2
-    return lambda x, k: ops.conv2d(
-            x, k, padding=((pad, pad), (pad, pad)), dilation=(case.dilation,) * 2, impl=impl)
+    return lambda x, k: ops.conv2d(x, k, padding=((pad, pad), (pad, pad)), dilation=(case.dilation,) * 2, impl=impl)
 
 
 def timed_functions(case: Case, impl: str, grads: bool) -> dict[str, Callable]:
@@ -68,6 +68,7 @@ def timed_functions(case: Case, impl: str, grads: bool) -> dict[str, Callable]:
             y, vjp = jax.vjp(op, x, k)
             cotangents = vjp(dy)  # XLA drops whichever of the two is not returned.
             return y, tuple(cotangents[i] for i in argnums)
+
         return run
 
     fns = {"fwd": lambda x, k, dy: op(x, k), "fwd+bwd": fwd_bwd((0, 1))}
@@ -78,7 +79,7 @@ def timed_functions(case: Case, impl: str, grads: bool) -> dict[str, Callable]:
 
 def forward_flops(case: Case, batch: int) -> float:
     out = 2 * case.size if case.op == "convT" else case.size
-    taps = 4 if case.op == "convT" else case.kernel ** 2  # convT: each output pixel sees 2x2 taps.
+    taps = 4 if case.op == "convT" else case.kernel**2  # convT: each output pixel sees 2x2 taps.
     return 2.0 * batch * out * out * taps * case.cin * case.cout
 
 
@@ -106,11 +107,20 @@ def bench_case(case: Case, args: argparse.Namespace) -> list[dict]:
                 times[impl].append(time.perf_counter() - start)
         part_flops = flops * {"fwd": 1, "fwd+bwd": 3}.get(part, 2)
         median = {impl: float(np.median(t)) for impl, t in times.items()}
-        rows.append(dict(
-                case=case.name, shape=f"{case.cin}->{case.cout} @{case.size}", part=part,
-                gflop=part_flops / 1e9, xla_ms=median["xla"] * 1e3, cpu_ms=median["cpu"] * 1e3,
-                xla_gflops=part_flops / median["xla"] / 1e9, cpu_gflops=part_flops / median["cpu"] / 1e9,
-                cpu_best_gflops=part_flops / min(times["cpu"]) / 1e9, speedup=median["xla"] / median["cpu"]))
+        rows.append(
+            dict(
+                case=case.name,
+                shape=f"{case.cin}->{case.cout} @{case.size}",
+                part=part,
+                gflop=part_flops / 1e9,
+                xla_ms=median["xla"] * 1e3,
+                cpu_ms=median["cpu"] * 1e3,
+                xla_gflops=part_flops / median["xla"] / 1e9,
+                cpu_gflops=part_flops / median["cpu"] / 1e9,
+                cpu_best_gflops=part_flops / min(times["cpu"]) / 1e9,
+                speedup=median["xla"] / median["cpu"],
+            )
+        )
     return rows
 
 
@@ -122,18 +132,23 @@ def main() -> None:
     parser.add_argument("--only", default="", help="substring of the case names to run")
     parser.add_argument("--grads", action="store_true", help="also time each gradient on its own")
     args = parser.parse_args()
-    print(f"backend {jax.default_backend()}, jax {jax.__version__}, {os.cpu_count()} cpus, "
-          f"load average {os.getloadavg()[0]:.1f}, dtype {args.dtype}, batch {args.batch}, "
-          f"medians of {args.rounds} (convT backward: {max(2, args.rounds // 2)})")
+    print(
+        f"backend {jax.default_backend()}, jax {jax.__version__}, {os.cpu_count()} cpus, "
+        f"load average {os.getloadavg()[0]:.1f}, dtype {args.dtype}, batch {args.batch}, "
+        f"medians of {args.rounds} (convT backward: {max(2, args.rounds // 2)})"
+    )
     print("| layer | shape | pass | GFLOP | xla ms | cpu ms | xla GFLOP/s | cpu GFLOP/s (best) | speedup |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for case in CASES:
         if args.only not in case.name:
             continue
         for r in bench_case(case, args):
-            print(f"| {r['case']} | {r['shape']} | {r['part']} | {r['gflop']:.2f} | {r['xla_ms']:.1f} | "
-                  f"{r['cpu_ms']:.1f} | {r['xla_gflops']:.0f} | {r['cpu_gflops']:.0f} ({r['cpu_best_gflops']:.0f}) | "
-                  f"{r['speedup']:.2f}x |", flush=True)
+            print(
+                f"| {r['case']} | {r['shape']} | {r['part']} | {r['gflop']:.2f} | {r['xla_ms']:.1f} | "
+                f"{r['cpu_ms']:.1f} | {r['xla_gflops']:.0f} | {r['cpu_gflops']:.0f} ({r['cpu_best_gflops']:.0f}) | "
+                f"{r['speedup']:.2f}x |",
+                flush=True,
+            )
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
 
 

@@ -43,11 +43,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import bench_inference  # Beside this file: photo folders and random-weight files for `colorize`.
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-import bench_inference  # Beside this file: photo folders and random-weight files for `colorize`.
 from smsanet_jax import colorize, colorspace, config_util, host_memory, inference, native, ops, parallel, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,8 +59,12 @@ MODELS = {
     "smsanet_salient": ("SMSANet + salient loss", "smsanet.py", ("--config.init.pfanet=random",)),
 }
 # Shrinks every config to the tiny test model (configs/tiny.py): seconds instead of minutes.
-QUICK_OVERRIDES = ("--config.image_size=32", "--config.model.width=8", "--config.model.n_scales=3",
-                   "--config.loss.pfanet_size=32")
+QUICK_OVERRIDES = (
+    "--config.image_size=32",
+    "--config.model.width=8",
+    "--config.model.n_scales=3",
+    "--config.loss.pfanet_size=32",
+)
 HEADLINE_MODEL, HEADLINE_BATCH = "smsanet", 1
 # Untimed rounds before the timed ones: a CPU process's heap grows for its first ~3 steps (see
 # smsanet_jax/host_memory.py), and the first calls of a program pay one-off costs.
@@ -111,7 +115,10 @@ def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float)
         warm = {c.name: _run(c, 1) for c in contestants}
         # The last (warmest) round sets how many steps make a timed run.
         calls = {name: max(1, math.ceil(min_time / max(seconds, 1e-9))) for name, seconds in warm.items()}
-        _log(f"  warm-up {r + 1}/{WARMUP_ROUNDS}: " + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in warm.items()))
+        _log(
+            f"  warm-up {r + 1}/{WARMUP_ROUNDS}: "
+            + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in warm.items())
+        )
     times = {c.name: [] for c in contestants}
     for r in range(repeats):
         for c in contestants:
@@ -120,9 +127,17 @@ def interleave(contestants: Sequence[Contestant], repeats: int, min_time: float)
     rows = []
     for c in contestants:
         median = float(np.median(times[c.name]))
-        rows.append({**c.row, "name": c.name, "images_per_step": c.images, "calls_per_run": calls[c.name],
-                     "step_seconds": times[c.name], "step_seconds_median": median,
-                     "images_per_second": c.images / median})
+        rows.append(
+            {
+                **c.row,
+                "name": c.name,
+                "images_per_step": c.images,
+                "calls_per_run": calls[c.name],
+                "step_seconds": times[c.name],
+                "step_seconds_median": median,
+                "images_per_second": c.images / median,
+            }
+        )
     return rows
 
 
@@ -138,10 +153,16 @@ def _memory(compiled) -> dict[str, int] | None:
     stats = compiled.memory_analysis()
     if stats is None:
         return None
-    peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
-            + stats.temp_size_in_bytes)
-    return {"arguments": stats.argument_size_in_bytes, "outputs": stats.output_size_in_bytes,
-            "aliased": stats.alias_size_in_bytes, "temporaries": stats.temp_size_in_bytes, "total": peak}
+    peak = (
+        stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes + stats.temp_size_in_bytes
+    )
+    return {
+        "arguments": stats.argument_size_in_bytes,
+        "outputs": stats.output_size_in_bytes,
+        "aliased": stats.alias_size_in_bytes,
+        "temporaries": stats.temp_size_in_bytes,
+        "total": peak,
+    }
 
 
 def _cost_flops(compiled) -> float | None:
@@ -179,14 +200,22 @@ def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: di
         holder[0], metrics = compiled(holder[0], batch, pfanet_variables)
         return holder[0], metrics
 
-    row = {**row, "framework": "jax", "batch": config.global_batch_size, "image_size": config.image_size,
-           "width": config.model.width, "dtype": config.dtype, "conv_impl": ops.resolve_impl(config.conv_impl),
-           "device": mesh.devices.flat[0].device_kind, "devices": mesh.size, "compile_seconds": compile_seconds,
-           "memory_bytes": _memory(compiled),
-           "flops_per_image": lowered_flops_per_image(config_file, overrides),
-           # The executable's cost analysis describes one device's share of the partitioned step.
-           "compiled_flops_per_image": (compiled_flops * mesh.size / config.global_batch_size
-                                        if compiled_flops else None)}
+    row = {
+        **row,
+        "framework": "jax",
+        "batch": config.global_batch_size,
+        "image_size": config.image_size,
+        "width": config.model.width,
+        "dtype": config.dtype,
+        "conv_impl": ops.resolve_impl(config.conv_impl),
+        "device": mesh.devices.flat[0].device_kind,
+        "devices": mesh.size,
+        "compile_seconds": compile_seconds,
+        "memory_bytes": _memory(compiled),
+        "flops_per_image": lowered_flops_per_image(config_file, overrides),
+        # The executable's cost analysis describes one device's share of the partitioned step.
+        "compiled_flops_per_image": (compiled_flops * mesh.size / config.global_batch_size if compiled_flops else None),
+    }
     return Contestant(name, step, config.global_batch_size, row=row)
 
 
@@ -217,6 +246,7 @@ def torch_training(batch: int, size: int, width: int, threads: int, flops_per_im
     """
     import torch  # Optional: only this contestant needs it.
     import torch.nn.functional as F
+
     spec = importlib.util.spec_from_file_location("torch_siggraph17", ROOT / "tests" / "torch_siggraph17.py")
     reference = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(reference)
@@ -226,8 +256,10 @@ def torch_training(batch: int, size: int, width: int, threads: int, flops_per_im
     torch.manual_seed(0)
     model = reference.SIGGRAPH17(width=width).to(device).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    l, ab = (torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
-             for x in colorspace.rgb_uint8_to_l_ab(jnp.asarray(_random_rgb(batch, size))))
+    l, ab = (
+        torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+        for x in colorspace.rgb_uint8_to_l_ab(jnp.asarray(_random_rgb(batch, size)))
+    )
     norm = reference.AB_NORM
 
     def step():
@@ -241,11 +273,20 @@ def torch_training(batch: int, size: int, width: int, threads: int, flops_per_im
         if device == "cuda":
             torch.cuda.synchronize()
 
-    row = {"kind": "training", "model": "basenet", "label": "BaseNet, PyTorch", "framework": "pytorch",
-           "batch": batch, "image_size": size, "width": width, "dtype": "float32",
-           "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-           "threads": torch.get_num_threads(), "torch_version": torch.__version__,
-           "flops_per_image": flops_per_image}
+    row = {
+        "kind": "training",
+        "model": "basenet",
+        "label": "BaseNet, PyTorch",
+        "framework": "pytorch",
+        "batch": batch,
+        "image_size": size,
+        "width": width,
+        "dtype": "float32",
+        "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "flops_per_image": flops_per_image,
+    }
     return Contestant(f"pytorch basenet b{batch}", step, batch, sync=sync, row=row)
 
 
@@ -253,17 +294,26 @@ def matmul(n: int, dtype: str) -> Contestant:
     """An n x n x n matmul on the first device: the FLOP/s every step is compared with."""
     a, b = jax.random.normal(jax.random.key(0), (2, n, n), jnp.dtype(dtype))
     compiled = jax.jit(jnp.matmul).lower(a, b).compile()
-    row = {"kind": "matmul", "label": f"matmul {n}x{n}", "dtype": dtype, "n": n, "flops": 2.0 * n ** 3,
-           "device": jax.devices()[0].device_kind}
+    row = {
+        "kind": "matmul",
+        "label": f"matmul {n}x{n}",
+        "dtype": dtype,
+        "n": n,
+        "flops": 2.0 * n**3,
+        "device": jax.devices()[0].device_kind,
+    }
     return Contestant(f"matmul {dtype}", lambda: compiled(a, b), 1, row=row)
 
 
-def colorize_run(colorizer: inference.Colorizer, photos: str, out_dir: str, count: int, size: int,
-                 devices: int, row: dict) -> Contestant:
+def colorize_run(
+    colorizer: inference.Colorizer, photos: str, out_dir: str, count: int, size: int, devices: int, row: dict
+) -> Contestant:
     """`colorize` of a folder of `count` photos, in one batch, overwriting its outputs each time."""
+
     def step():
-        report = colorize.colorize(colorizer, [photos], out_dir, overwrite=True, batch_size=count,
-                                   num_devices=devices, size=size)
+        report = colorize.colorize(
+            colorizer, [photos], out_dir, overwrite=True, batch_size=count, num_devices=devices, size=size
+        )
         if len(report.written) != count:
             raise RuntimeError(f"colorize wrote {len(report.written)} of {count} images: {report.failed}")
 
@@ -283,11 +333,19 @@ def training_group(args: argparse.Namespace, dtypes: Sequence[str], overrides: S
             for batch in args.batches:
                 name = f"{model} {dtype} b{batch}"
                 _log(f"compiling {name}")
-                contestants.append(jax_training(
-                        name, CONFIGS / config_file,
-                        [*overrides, *model_overrides, f"--config.global_batch_size={batch}",
-                         f"--config.dtype={dtype}"],
-                        {"kind": "training", "model": model, "label": label}))
+                contestants.append(
+                    jax_training(
+                        name,
+                        CONFIGS / config_file,
+                        [
+                            *overrides,
+                            *model_overrides,
+                            f"--config.global_batch_size={batch}",
+                            f"--config.dtype={dtype}",
+                        ],
+                        {"kind": "training", "model": model, "label": label},
+                    )
+                )
     if args.torch and _torch_available():
         contestants += [_torch_contestant(batch, overrides) for batch in args.batches]
     contestants += [matmul(args.matmul_size, dtype) for dtype in dtypes]
@@ -309,10 +367,14 @@ def conv_impl_group(args: argparse.Namespace) -> list[dict]:
     contestants = []
     for impl in args.conv_impl:
         _log(f"compiling the {config_file.stem} step with conv_impl={impl}")
-        contestants.append(jax_training(
-                f"{config_file.stem} {impl}", config_file,
+        contestants.append(
+            jax_training(
+                f"{config_file.stem} {impl}",
+                config_file,
                 [f"--config.conv_impl={impl}", f"--config.num_devices={args.devices}"],
-                {"kind": "conv_impl", "model": config_file.stem, "label": config_file.stem}))
+                {"kind": "conv_impl", "model": config_file.stem, "label": config_file.stem},
+            )
+        )
     return interleave(contestants, args.repeats, args.min_time)
 
 
@@ -328,12 +390,28 @@ def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[
         for width, height in args.photo_sizes:
             photos = os.path.join(tmp, f"photos_{width}x{height}")
             bench_inference._photos(photos, args.inference_images, (width, height))
-            row = {"kind": "inference", "name": f"colorize {width}x{height}", "label": f"colorize {width}x{height}",
-                   "photo_size": [width, height], "network_size": size, "batch": args.inference_images,
-                   "width": colorizer.provenance["config"]["model"]["width"], "dtype": "float32",
-                   "device": jax.devices()[0].device_kind}
-            contestants.append(colorize_run(colorizer, photos, os.path.join(tmp, f"out_{width}x{height}"),
-                                            args.inference_images, size, args.devices, row))
+            row = {
+                "kind": "inference",
+                "name": f"colorize {width}x{height}",
+                "label": f"colorize {width}x{height}",
+                "photo_size": [width, height],
+                "network_size": size,
+                "batch": args.inference_images,
+                "width": colorizer.provenance["config"]["model"]["width"],
+                "dtype": "float32",
+                "device": jax.devices()[0].device_kind,
+            }
+            contestants.append(
+                colorize_run(
+                    colorizer,
+                    photos,
+                    os.path.join(tmp, f"out_{width}x{height}"),
+                    args.inference_images,
+                    size,
+                    args.devices,
+                    row,
+                )
+            )
         return interleave(contestants, args.repeats, args.min_time)
 
 
@@ -365,19 +443,31 @@ def score(rows: list[dict]) -> dict[str, Any]:
         if r.get("framework") == "jax" and r["kind"] == "training" and torch_row:
             r["vs_pytorch"] = r["images_per_second"] / torch_row["images_per_second"]
     headline_dtype = "float32" if jax.default_backend() == "cpu" or "bfloat16" not in peaks else "bfloat16"
-    find = lambda dtype: next((r for r in rows if r.get("framework") == "jax" and r["kind"] == "training"
-                               and r["model"] == HEADLINE_MODEL and r["batch"] == HEADLINE_BATCH
-                               and r["dtype"] == dtype), None)
+    find = lambda dtype: next(
+        (
+            r
+            for r in rows
+            if r.get("framework") == "jax"
+            and r["kind"] == "training"
+            and r["model"] == HEADLINE_MODEL
+            and r["batch"] == HEADLINE_BATCH
+            and r["dtype"] == dtype
+        ),
+        None,
+    )
     ratio_row, peak_row = find("float32"), find(headline_dtype)
     torch_row = torch_rows.get(HEADLINE_BATCH)
     return {
-        "ratio_vs_pytorch": (ratio_row["images_per_second"] / torch_row["images_per_second"]
-                             if ratio_row and torch_row else None),
+        "ratio_vs_pytorch": (
+            ratio_row["images_per_second"] / torch_row["images_per_second"] if ratio_row and torch_row else None
+        ),
         "fraction_of_peak": peak_row["fraction_of_peak"] if peak_row else None,
-        "headline": {"ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{HEADLINE_BATCH} / pytorch basenet "
-                                         f"b{HEADLINE_BATCH} images/s",
-                     "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s "
-                                         f"(direct-convolution FLOPs) / matmul {headline_dtype} FLOP/s"},
+        "headline": {
+            "ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{HEADLINE_BATCH} / pytorch basenet "
+            f"b{HEADLINE_BATCH} images/s",
+            "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s "
+            f"(direct-convolution FLOPs) / matmul {headline_dtype} FLOP/s",
+        },
     }
 
 
@@ -388,14 +478,21 @@ def machine() -> dict[str, Any]:
     if os.path.exists("/proc/cpuinfo"):
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             cpu_model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu_model)
-    return {"backend": jax.default_backend(), "device_kind": device.device_kind, "device_count": jax.device_count(),
-            "cpu_model": cpu_model, "cpu_threads": _cpu_threads(), "jax_version": jax.__version__,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gb": _total_memory_gb(),
-            # `smsanet_jax.native`: the C++ Winograd transforms (CPU only; SMSANET_NATIVE=0 opts out).
-            "native_winograd_transforms": jax.default_backend() == "cpu" and native.available(),
-            # `smsanet_jax.host_memory`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_model": cpu_model,
+        "cpu_threads": _cpu_threads(),
+        "jax_version": jax.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gb": _total_memory_gb(),
+        # `smsanet_jax.native`: the C++ Winograd transforms (CPU only; SMSANET_NATIVE=0 opts out).
+        "native_winograd_transforms": jax.default_backend() == "cpu" and native.available(),
+        # `smsanet_jax.host_memory`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+    }
 
 
 def peak_memory(devices: int) -> dict[str, Any]:
@@ -427,39 +524,48 @@ def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The run as a markdown table, with the machine and the headline numbers underneath."""
-    lines = ["| measurement | device | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
-             "| of peak | vs PyTorch | compiled memory GB |",
-             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| measurement | device | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
+        "| of peak | vs PyTorch | compiled memory GB |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in (r for key in GROUPS for r in results[key]):
-        size = (f"{r['photo_size'][0]}x{r['photo_size'][1]} -> {r['network_size']}" if r["kind"] == "inference"
-                else f"{r['n']}^3" if r["kind"] == "matmul" else f"{r['image_size']}, width {r['width']}")
+        size = (
+            f"{r['photo_size'][0]}x{r['photo_size'][1]} -> {r['network_size']}"
+            if r["kind"] == "inference"
+            else f"{r['n']}^3"
+            if r["kind"] == "matmul"
+            else f"{r['image_size']}, width {r['width']}"
+        )
         impl = f", {r['conv_impl']} convs" if r.get("conv_impl") else ""
         memory = (r.get("memory_bytes") or {}).get("total")
         lines.append(
-                f"| {r['label']}{impl} | {r['device']} | {r['dtype']} | {r.get('batch', '')} | {size} | "
-                f"{_fmt(r['images_per_second'], '.3g') if r['kind'] != 'matmul' else ''} | "
-                f"{r['step_seconds_median']:.3g} | {_fmt(r.get('flops_per_image'), '.1f', 1e9)} | "
-                f"{_fmt(r.get('flops_per_second'), '.1f', 1e9)} | {_fmt(r.get('fraction_of_peak'), '.0%')} | "
-                f"{_fmt(r.get('vs_pytorch'), '.2f')} | {_fmt(memory, '.2f', 1e9)} |")
+            f"| {r['label']}{impl} | {r['device']} | {r['dtype']} | {r.get('batch', '')} | {size} | "
+            f"{_fmt(r['images_per_second'], '.3g') if r['kind'] != 'matmul' else ''} | "
+            f"{r['step_seconds_median']:.3g} | {_fmt(r.get('flops_per_image'), '.1f', 1e9)} | "
+            f"{_fmt(r.get('flops_per_second'), '.1f', 1e9)} | {_fmt(r.get('fraction_of_peak'), '.0%')} | "
+            f"{_fmt(r.get('vs_pytorch'), '.2f')} | {_fmt(memory, '.2f', 1e9)} |"
+        )
     m, mem = results["machine"], results["memory"]
     lines += [
-            "",
-            f"Machine: {m['backend']} backend, device `{m['device_kind']}` x {results['settings']['devices']} "
-            f"used ({m['device_count']} present); CPU {m['cpu_model']}, {m['cpu_threads']} threads, "
-            f"{m['memory_gb']:.0f} GB; JAX {m['jax_version']}, Python {m['python']}"
-            + ("; native Winograd transforms" if m["native_winograd_transforms"] else "")
-            + (f", PyTorch {results['torch_version']}" if results.get("torch_version") else "") + ".",
-            f"Load average (1 min) {results['load_average']['start']:.2f} at the start, "
-            f"{results['load_average']['end']:.2f} at the end; {results['wall_seconds'] / 60:.1f} min in all; "
-            f"medians of {results['settings']['repeats']} interleaved runs after {WARMUP_ROUNDS} warm-up rounds.",
-            f"Peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB"
-            + (f"; device peak {mem['device_peak_bytes_in_use'] / 1e9:.2f} GB"
-               if mem["device_peak_bytes_in_use"] else "") + ".",
-            f"ratio_vs_pytorch = {_fmt(results['ratio_vs_pytorch'], '.2f')} "
-            f"({results['headline']['ratio_vs_pytorch']}); fraction_of_peak = "
-            f"{_fmt(results['fraction_of_peak'], '.1%')} ({results['headline']['fraction_of_peak']}); "
-            f"conv_impl_speedup (quickstart step, cpu / xla convs) = {_fmt(results['conv_impl_speedup'], '.2f')}.",
-            f"bfloat16: {results['settings']['bfloat16']}.",
+        "",
+        f"Machine: {m['backend']} backend, device `{m['device_kind']}` x {results['settings']['devices']} "
+        f"used ({m['device_count']} present); CPU {m['cpu_model']}, {m['cpu_threads']} threads, "
+        f"{m['memory_gb']:.0f} GB; JAX {m['jax_version']}, Python {m['python']}"
+        + ("; native Winograd transforms" if m["native_winograd_transforms"] else "")
+        + (f", PyTorch {results['torch_version']}" if results.get("torch_version") else "")
+        + ".",
+        f"Load average (1 min) {results['load_average']['start']:.2f} at the start, "
+        f"{results['load_average']['end']:.2f} at the end; {results['wall_seconds'] / 60:.1f} min in all; "
+        f"medians of {results['settings']['repeats']} interleaved runs after {WARMUP_ROUNDS} warm-up rounds.",
+        f"Peak RSS {mem['peak_rss_bytes'] / 1e9:.2f} GB"
+        + (f"; device peak {mem['device_peak_bytes_in_use'] / 1e9:.2f} GB" if mem["device_peak_bytes_in_use"] else "")
+        + ".",
+        f"ratio_vs_pytorch = {_fmt(results['ratio_vs_pytorch'], '.2f')} "
+        f"({results['headline']['ratio_vs_pytorch']}); fraction_of_peak = "
+        f"{_fmt(results['fraction_of_peak'], '.1%')} ({results['headline']['fraction_of_peak']}); "
+        f"conv_impl_speedup (quickstart step, cpu / xla convs) = {_fmt(results['conv_impl_speedup'], '.2f')}.",
+        f"bfloat16: {results['settings']['bfloat16']}.",
     ]
     return "\n".join(lines)
 
@@ -504,24 +610,43 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     """The options, with --quick's smaller defaults filled in, and the `--config.*` overrides."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="write every measurement here as JSON")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes (32x32, width 8, configs/tiny.py for --conv-impl): a smoke test")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny sizes (32x32, width 8, configs/tiny.py for --conv-impl): a smoke test",
+    )
     parser.add_argument("--models", type=_csv(str), default=list(MODELS), help=f"subset of {','.join(MODELS)}")
     parser.add_argument("--batches", type=_csv(int), default=None, help="training batch sizes (default 1,4)")
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each contestant (median reported)")
-    parser.add_argument("--bf16", action="store_true",
-                        help="also train in bfloat16 on a CPU (always done on GPU/TPU; slow on most CPUs)")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also train in bfloat16 on a CPU (always done on GPU/TPU; slow on most CPUs)",
+    )
     parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch step")
-    parser.add_argument("--conv-impl", type=_csv(str), default=["xla", "cpu"],
-                        help="conv implementations compared on the quickstart model ('' skips)")
-    parser.add_argument("--photo-sizes", type=_csv(_photo_size), default=None,
-                        help="colorize input photo sizes, WxH (default 256x256,1024x768; '' skips)")
+    parser.add_argument(
+        "--conv-impl",
+        type=_csv(str),
+        default=["xla", "cpu"],
+        help="conv implementations compared on the quickstart model ('' skips)",
+    )
+    parser.add_argument(
+        "--photo-sizes",
+        type=_csv(_photo_size),
+        default=None,
+        help="colorize input photo sizes, WxH (default 256x256,1024x768; '' skips)",
+    )
     parser.add_argument("--inference-images", type=int, default=None, help="photos per colorize run (default 4)")
-    parser.add_argument("--matmul-size", type=int, default=None,
-                        help="side of the peak matmul (default 4096 on a CPU, 8192 on GPU/TPU)")
+    parser.add_argument(
+        "--matmul-size", type=int, default=None, help="side of the peak matmul (default 4096 on a CPU, 8192 on GPU/TPU)"
+    )
     parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh")
-    parser.add_argument("--min-time", type=float, default=None,
-                        help="shortest timed run in seconds; faster steps repeat within it (default 0.2)")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="shortest timed run in seconds; faster steps repeat within it (default 0.2)",
+    )
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
@@ -530,11 +655,14 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
     quick = args.quick
-    defaults = {"batches": [1] if quick else [1, 4], "photo_sizes": [(32, 32), (128, 96)] if quick else
-                [(256, 256), (1024, 768)], "inference_images": 2 if quick else 4,
-                # A GPU/TPU needs a bigger matmul than a CPU to approach its peak.
-                "matmul_size": 512 if quick else 8192 if _accelerator() else 4096,
-                "min_time": 0.02 if quick else 0.2}
+    defaults = {
+        "batches": [1] if quick else [1, 4],
+        "photo_sizes": [(32, 32), (128, 96)] if quick else [(256, 256), (1024, 768)],
+        "inference_images": 2 if quick else 4,
+        # A GPU/TPU needs a bigger matmul than a CPU to approach its peak.
+        "matmul_size": 512 if quick else 8192 if _accelerator() else 4096,
+        "min_time": 0.02 if quick else 0.2,
+    }
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -546,8 +674,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args, overrides = parse_args(argv)
     start, load_start = time.perf_counter(), os.getloadavg()[0]
     dtypes = ["float32", "bfloat16"] if _accelerator() or args.bf16 else ["float32"]
-    _log(f"{jax.default_backend()} backend ({jax.devices()[0].device_kind}), load average {load_start:.2f}, "
-         f"dtypes {dtypes}")
+    _log(
+        f"{jax.default_backend()} backend ({jax.devices()[0].device_kind}), load average {load_start:.2f}, "
+        f"dtypes {dtypes}"
+    )
     rows = training_group(args, dtypes, overrides) if args.models else []
     gc.collect()  # The training states go before the next groups compile.
     if args.conv_impl:
@@ -556,15 +686,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows += inference_group(args, overrides)
     headline = score(rows)
     results = {
-            **headline, **{key: [r for r in rows if _group(r) == key] for key in GROUPS},
-            "conv_impl_speedup": _conv_impl_speedup(rows), "machine": machine(),
-            "memory": peak_memory(args.devices),
-            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
-            "wall_seconds": time.perf_counter() - start,
-            "torch_version": next((r["torch_version"] for r in rows if "torch_version" in r), None),
-            "settings": {**{k: v for k, v in vars(args).items() if k != "out"}, "dtypes": dtypes,
-                         "overrides": overrides,
-                         "bfloat16": "measured" if "bfloat16" in dtypes else "not measured: CPU without --bf16"},
+        **headline,
+        **{key: [r for r in rows if _group(r) == key] for key in GROUPS},
+        "conv_impl_speedup": _conv_impl_speedup(rows),
+        "machine": machine(),
+        "memory": peak_memory(args.devices),
+        "load_average": {"start": load_start, "end": os.getloadavg()[0]},
+        "wall_seconds": time.perf_counter() - start,
+        "torch_version": next((r["torch_version"] for r in rows if "torch_version" in r), None),
+        "settings": {
+            **{k: v for k, v in vars(args).items() if k != "out"},
+            "dtypes": dtypes,
+            "overrides": overrides,
+            "bfloat16": "measured" if "bfloat16" in dtypes else "not measured: CPU without --bf16",
+        },
     }
     print(markdown(results))
     if args.out:

@@ -46,9 +46,16 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], seed: int = 0) -
 
 def time_loader(name: str, data_dir: str, workers: int, args: argparse.Namespace) -> float:
     """Images/s of the training loader after a warm-up batch."""
-    loader = data.make_train_loader(name=name, data_dir=data_dir, image_size=args.image_size,
-                                    local_batch_size=args.batch_size, seed=0, num_workers=workers,
-                                    process_index=0, process_count=1)
+    loader = data.make_train_loader(
+        name=name,
+        data_dir=data_dir,
+        image_size=args.image_size,
+        local_batch_size=args.batch_size,
+        seed=0,
+        num_workers=workers,
+        process_index=0,
+        process_count=1,
+    )
     iterator = iter(loader)
     next(iterator)
     start = time.perf_counter()
@@ -69,8 +76,7 @@ def time_per_image(paths: list[str], image_size: int, reduced: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num-files", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -83,12 +89,16 @@ def main() -> None:
         os.makedirs(folder)
         paths = write_jpegs(folder, args.num_files, (500, 375))
         name = data.prepare(folder, data_dir=data_dir).name
-        print(f"{args.num_files} JPEGs of 500x375 (q90) -> {args.image_size}x{args.image_size} crops, "
-              f"batch {args.batch_size}, {args.batches} timed batches, {os.cpu_count()} CPUs")
+        print(
+            f"{args.num_files} JPEGs of 500x375 (q90) -> {args.image_size}x{args.image_size} crops, "
+            f"batch {args.batch_size}, {args.batches} timed batches, {os.cpu_count()} CPUs"
+        )
         large = write_jpegs(tmp, 32, (1024, 768), seed=1)
-        for label, files, reduced in (("500x375 sources", paths, True),
-                                      ("1024x768 sources, full decode", large, False),
-                                      ("1024x768 sources, reduced decode", large, True)):
+        for label, files, reduced in (
+            ("500x375 sources", paths, True),
+            ("1024x768 sources, full decode", large, False),
+            ("1024x768 sources, reduced decode", large, True),
+        ):
             rate = time_per_image(files, args.image_size, reduced)
             print(f"in this process, {label:33s} {rate:7.1f} images/s")
         print("workers  images/s  per worker")

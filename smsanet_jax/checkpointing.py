@@ -25,8 +25,11 @@ class CheckpointMismatchError(ValueError):
 
 def _diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
     keys = sorted(set(saved) | set(current))
-    return [f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
-            for k in keys if saved.get(k) != current.get(k)]
+    return [
+        f"model.{k}: checkpoint {saved.get(k)!r}, config {current.get(k)!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
 
 
 class Checkpointer:
@@ -38,18 +41,22 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
         else:
             options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "data", "meta"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, meta: Mapping[str, Any]) -> bool:
         """Starts an asynchronous save of `step` (unless it exists); returns whether one was started."""
-        saved = self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=grain.PyGrainCheckpointSave(data_iterator),
-            meta=ocp.args.JsonSave(dict(meta))), force=True)
+        saved = self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.PyGrainCheckpointSave(data_iterator),
+                meta=ocp.args.JsonSave(dict(meta)),
+            ),
+            force=True,
+        )
         if saved:
             logging.info("saving checkpoint at step %d", step)
         return saved
@@ -62,19 +69,24 @@ class Checkpointer:
             raise CheckpointMismatchError(
                 f"{self.directory} holds step {step} of a model with another shape:\n  "
                 + "\n  ".join(differences)
-                + "\nUse a new --workdir, or the checkpoint's model settings.")
+                + "\nUse a new --workdir, or the checkpoint's model settings."
+            )
 
     def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         """Restores the state (sharded like `abstract_state`) and rewinds `data_iterator` in place."""
-        restored = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=grain.PyGrainCheckpointRestore(data_iterator)))
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), data=grain.PyGrainCheckpointRestore(data_iterator)
+            ),
+        )
         return restored["state"]
 
     def restore_state(self, step: int, abstract_state: Any) -> Any:
         """Restores only the train state (inference: no data iterator needed)."""
-        return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state)))["state"]
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))[
+            "state"
+        ]
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -95,9 +107,11 @@ def jsonable(value: Any) -> Any:
 
 def save_variables(path: str, variables: Mapping[str, Any], kind: str, **meta: Any) -> None:
     """Writes Flax variables to one msgpack file (atomically: a temporary name, then a rename)."""
-    payload = {"kind": kind, "meta": jsonable(meta),
-               "variables": flax.serialization.to_state_dict(
-                   {k: _to_numpy(v) for k, v in variables.items()})}
+    payload = {
+        "kind": kind,
+        "meta": jsonable(meta),
+        "variables": flax.serialization.to_state_dict({k: _to_numpy(v) for k, v in variables.items()}),
+    }
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(flax.serialization.msgpack_serialize(payload))

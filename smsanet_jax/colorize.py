@@ -80,8 +80,9 @@ def find_inputs(specs: Sequence[str], report: Report) -> list[Input]:
             if not matches:
                 report.fail(spec, "no file matches this pattern")
             for match in matches:
-                found += _folder_inputs(match, report) if os.path.isdir(match) else [
-                    Input(match, os.path.basename(match))]
+                found += (
+                    _folder_inputs(match, report) if os.path.isdir(match) else [Input(match, os.path.basename(match))]
+                )
         else:
             report.fail(spec, "no such file or folder")
     unique, seen = [], set()
@@ -107,8 +108,9 @@ def _output_path(out_dir: str, name: str, suffix: str, fmt: str) -> str:
     return os.path.join(out_dir, f"{stem}{suffix}.{fmt}")
 
 
-def _plan(inputs: Sequence[Input], out_dir: str, suffixes: Sequence[str], fmt: str, overwrite: bool,
-          report: Report) -> list[tuple[Input, list[str]]]:
+def _plan(
+    inputs: Sequence[Input], out_dir: str, suffixes: Sequence[str], fmt: str, overwrite: bool, report: Report
+) -> list[tuple[Input, list[str]]]:
     """Inputs with their output paths; drops (and reports) name clashes and existing outputs."""
     planned, owner = [], {}
     for item in inputs:
@@ -154,12 +156,20 @@ def _read_rgb(path: str) -> np.ndarray:
     return np.asarray(decode.decode_rgb(encoded))
 
 
-def _run(planned: Sequence[tuple[Input, list[str]]], report: Report, *, batch_size: int, fmt: str,
-         overwrite: bool, load: Callable[[Input], Any], infer: Callable[[list[Any]], list[list[np.ndarray]]],
-         num_threads: int | None = None) -> Report:
+def _run(
+    planned: Sequence[tuple[Input, list[str]]],
+    report: Report,
+    *,
+    batch_size: int,
+    fmt: str,
+    overwrite: bool,
+    load: Callable[[Input], Any],
+    infer: Callable[[list[Any]], list[list[np.ndarray]]],
+    num_threads: int | None = None,
+) -> Report:
     """Loads (threads, one batch ahead), infers a batch at a time, writes (threads); records failures."""
     progress = reporting.Progress(len(planned), 1)
-    batches = [planned[i:i + batch_size] for i in range(0, len(planned), batch_size)]
+    batches = [planned[i : i + batch_size] for i in range(0, len(planned), batch_size)]
     threads = num_threads or min(4, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         submit = lambda batch: [pool.submit(load, item) for item, _ in batch]
@@ -176,8 +186,9 @@ def _run(planned: Sequence[tuple[Input, list[str]]], report: Report, *, batch_si
                     report.fail(item.path, _reason(e))
             outputs = infer([example for _, _, example in good]) if good else []
             for (item, paths, _), images in zip(good, outputs):
-                writes.append((item, paths, [pool.submit(write_image, p, im, fmt, overwrite)
-                                             for p, im in zip(paths, images)]))
+                writes.append(
+                    (item, paths, [pool.submit(write_image, p, im, fmt, overwrite) for p, im in zip(paths, images)])
+                )
             done += len(batch)
             progress.update(done)
         for item, paths, futures in writes:
@@ -263,8 +274,9 @@ def load_hints(path: str) -> dict[str | None, list[Hint]]:
     raise ValueError(f"hints file {path}: expected a list of points or an object {{image name: points}}")
 
 
-def hint_planes(hints: Iterable[Hint], width: int, height: int, size: int = NETWORK_SIZE
-                ) -> tuple[np.ndarray, np.ndarray]:
+def hint_planes(
+    hints: Iterable[Hint], width: int, height: int, size: int = NETWORK_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """BaseNet's hint inputs at size x size: raw ab [size, size, 2] and mask [size, size, 1] in {0, 1}.
 
     Raises:
@@ -316,6 +328,7 @@ def fit_chroma(l: jax.Array, ab: jax.Array) -> jax.Array:
     Returns:
       The scaled ab, [..., 2].
     """
+
     def fits(scale):
         # lab_to_rgb clips to [0, 1]: a channel at a bound means the colour was (at least) on the edge.
         rgb = colorspace.lab_to_rgb(colorspace.lab_from_l_ab(l, ab * scale))
@@ -355,9 +368,18 @@ def merge_full_resolution(rgb: jax.Array, ab_small: jax.Array) -> jax.Array:
     return colorspace.lab_to_rgb_uint8(colorspace.lab_from_l_ab(l, fit_chroma(l, ab)))
 
 
-def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str, *, hints: str | None = None,
-             overwrite: bool = False, batch_size: int = 8, fmt: str = "png", num_devices: int = 0,
-             size: int = NETWORK_SIZE) -> Report:
+def colorize(
+    colorizer: inference.Colorizer,
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    hints: str | None = None,
+    overwrite: bool = False,
+    batch_size: int = 8,
+    fmt: str = "png",
+    num_devices: int = 0,
+    size: int = NETWORK_SIZE,
+) -> Report:
     """Colorizes photos at their full resolution (see the module docstring); writes `out_dir/<name>.<fmt>`.
 
     Args:
@@ -384,8 +406,11 @@ def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str
     items = find_inputs(inputs, report)
     unknown = set(hints_by_name) - {None} - {item.name for item in items}
     if unknown:
-        logging.warning("hints for %s, which are not among the inputs (names are file names, or paths "
-                        "inside a folder given as input)", ", ".join(sorted(unknown)))
+        logging.warning(
+            "hints for %s, which are not among the inputs (names are file names, or paths "
+            "inside a folder given as input)",
+            ", ".join(sorted(unknown)),
+        )
     planned = _plan(items, out_dir, [""], fmt, overwrite, report)
     mesh = parallel.make_mesh(num_devices)
     # Every call runs a full (padded) batch: no bigger than the inputs need.
@@ -401,8 +426,9 @@ def colorize(colorizer: inference.Colorizer, inputs: Sequence[str], out_dir: str
         return _Photo(rgb, small, ab_hint, mask)
 
     def infer(photos: list[_Photo]) -> list[list[np.ndarray]]:
-        batch = parallel.make_global({k: _padded_stack([getattr(p, k) for p in photos], batch_size)
-                                      for k in ("small", "ab_hint", "mask")}, mesh)
+        batch = parallel.make_global(
+            {k: _padded_stack([getattr(p, k) for p in photos], batch_size) for k in ("small", "ab_hint", "mask")}, mesh
+        )
         ab = np.asarray(network(variables, batch["small"], batch["ab_hint"], batch["mask"]))
         return [[np.asarray(merge_full_resolution(p.rgb, ab[i]))] for i, p in enumerate(photos)]
 
@@ -423,8 +449,16 @@ def _grow(prob: jax.Array, shape: tuple[int, int]) -> jax.Array:
     return jnp.clip(jax.image.resize(prob, shape + (1,), "bilinear"), 0.0, 1.0)
 
 
-def saliency_maps(params: str, inputs: Sequence[str], out_dir: str, *, threshold: float = 0.5,
-                  size: int = NETWORK_SIZE, overwrite: bool = False, batch_size: int = 8) -> Report:
+def saliency_maps(
+    params: str,
+    inputs: Sequence[str],
+    out_dir: str,
+    *,
+    threshold: float = 0.5,
+    size: int = NETWORK_SIZE,
+    overwrite: bool = False,
+    batch_size: int = 8,
+) -> Report:
     """PFANet saliency of photos: `<name>_saliency.png` (probability x 255) and `<name>_mask.png`.
 
     Both are 8-bit grayscale at the input's size; the mask is 255 where the probability is at
@@ -462,12 +496,18 @@ def saliency_maps(params: str, inputs: Sequence[str], out_dir: str, *, threshold
         out = []
         for i, rgb in enumerate(images):
             full = np.asarray(_grow(prob[i], rgb.shape[:2]))[..., 0]
-            out.append([np.rint(full * 255.0).astype(np.uint8),
-                        np.where(full >= threshold, 255, 0).astype(np.uint8)])
+            out.append([np.rint(full * 255.0).astype(np.uint8), np.where(full >= threshold, 255, 0).astype(np.uint8)])
         return out
 
-    return _run(planned, report, batch_size=batch_size, fmt="png", overwrite=overwrite,
-                load=lambda item: _read_rgb(item.path), infer=infer)
+    return _run(
+        planned,
+        report,
+        batch_size=batch_size,
+        fmt="png",
+        overwrite=overwrite,
+        load=lambda item: _read_rgb(item.path),
+        infer=infer,
+    )
 
 
 def load_pfanet(params: str) -> tuple[dict[str, Any], str]:
@@ -482,10 +522,13 @@ def load_pfanet(params: str) -> tuple[dict[str, Any], str]:
     # The Keras layout's high-level conv is 1x1, the PyTorch port's 3x3 (facts §3.4).
     variant = "k" if hl_conv is not None and np.shape(hl_conv)[0] == 1 else "s"
     side = pfanet.SIZE_MULTIPLE
-    expected = jax.eval_shape(pfanet.PFANet(variant).init, jax.random.key(0),
-                              jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32))
+    expected = jax.eval_shape(
+        pfanet.PFANet(variant).init, jax.random.key(0), jax.ShapeDtypeStruct((1, side, side, 3), jnp.float32)
+    )
     errors = convert.shape_errors(variables, expected)
     if errors:
-        raise ValueError(f"{params}: not PFANet weights ({len(errors)} mismatches, e.g. {errors[0]}); convert "
-                         "them with `smsanet-jax convert-weights pfanet-s SRC DST` (pfanet-k for the Keras .h5)")
+        raise ValueError(
+            f"{params}: not PFANet weights ({len(errors)} mismatches, e.g. {errors[0]}); convert "
+            "them with `smsanet-jax convert-weights pfanet-s SRC DST` (pfanet-k for the Keras .h5)"
+        )
     return variables, variant

@@ -9,9 +9,8 @@ import numpy as np
 # scikit-image's sRGB -> XYZ matrix and D65 white point (skimage.color.colorconv); the inverse is
 # taken in float64 as skimage does, so both directions use the same numbers.
 XYZ_FROM_RGB = np.array(
-        [[0.412453, 0.357580, 0.180423],
-         [0.212671, 0.715160, 0.072169],
-         [0.019334, 0.119193, 0.950227]])
+    [[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169], [0.019334, 0.119193, 0.950227]]
+)
 RGB_FROM_XYZ = np.linalg.inv(XYZ_FROM_RGB)
 D65_WHITE = np.array([0.95047, 1.0, 1.08883])
 
@@ -36,7 +35,7 @@ def _srgb_to_linear(rgb: jax.Array) -> jax.Array:
     mask = rgb > 0.04045
     # The unused branch sees a safe base, so the power never yields NaN values or gradients.
     base = jnp.where(mask, (rgb + 0.055) / 1.055, 1.0)
-    return jnp.where(mask, base ** 2.4, rgb / 12.92)
+    return jnp.where(mask, base**2.4, rgb / 12.92)
 
 
 def _linear_to_srgb(linear: jax.Array) -> jax.Array:
@@ -60,7 +59,7 @@ def _lab_to_xyz(lab: jax.Array) -> jax.Array:
     # skimage clamps negative z (very saturated blue-less colours) to 0 before the inverse map.
     fz = jnp.maximum(fy - b / 200.0, 0.0)
     f = jnp.stack([fx, fy, fz], axis=-1)
-    t = jnp.where(f > 0.2068966, f ** 3, (f - 16.0 / 116.0) / 7.787)
+    t = jnp.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
     return t * jnp.asarray(D65_WHITE, lab.dtype)
 
 

@@ -34,5 +34,7 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         return flag_values.config
     except (flags.Error, AttributeError, KeyError, TypeError) as e:
         # absl/ml_collections report a misspelt key as e.g. AttributeError("'nokey'").
-        raise ValueError(f"{path} with {' '.join(overrides) or 'no overrides'}: {e} "
-                         "(keys and value types are fixed by the config file)") from e
+        raise ValueError(
+            f"{path} with {' '.join(overrides) or 'no overrides'}: {e} "
+            "(keys and value types are fixed by the config file)"
+        ) from e

@@ -77,8 +77,7 @@ def _entry_from_torch(entry: Entry, sd: Mapping[str, np.ndarray]) -> tuple[dict,
     """Returns (params, batch_stats) leaves of one module."""
     get = lambda n: np.asarray(sd[f"{entry.torch}.{n}"], np.float32)
     if entry.kind == "bn":
-        return ({"scale": get("weight"), "bias": get("bias")},
-                {"mean": get("running_mean"), "var": get("running_var")})
+        return ({"scale": get("weight"), "bias": get("bias")}, {"mean": get("running_mean"), "var": get("running_var")})
     w = get("weight")
     if entry.kind == "conv":
         kernel = w.transpose(2, 3, 1, 0)  # [O,I,kh,kw] -> [kh,kw,I,O]
@@ -135,13 +134,16 @@ def shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> lis
         elif isinstance(expected[key], Mapping):
             errors.extend(shape_errors(converted[key], expected[key], where))
         elif tuple(converted[key].shape) != tuple(expected[key].shape):
-            errors.append(f"{where}: shape {tuple(converted[key].shape)} in the checkpoint, "
-                          f"{tuple(expected[key].shape)} in the network")
+            errors.append(
+                f"{where}: shape {tuple(converted[key].shape)} in the checkpoint, "
+                f"{tuple(expected[key].shape)} in the network"
+            )
     return errors
 
 
-def from_torch(state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], expected: Variables,
-               source: str = "checkpoint") -> Variables:
+def from_torch(
+    state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], expected: Variables, source: str = "checkpoint"
+) -> Variables:
     """Converts a torch state dict with `table` and checks it against `expected` (e.g. eval_shape).
 
     Raises:
@@ -214,8 +216,9 @@ SIGGRAPH17_TABLE: tuple[Entry, ...] = (
 SIGGRAPH17_CLASS_HEAD = "model_class."
 
 
-def siggraph17_from_torch(state_dict: Mapping[str, np.ndarray], width: int = 64,
-                          source: str = "SIGGRAPH17 checkpoint") -> Variables:
+def siggraph17_from_torch(
+    state_dict: Mapping[str, np.ndarray], width: int = 64, source: str = "SIGGRAPH17 checkpoint"
+) -> Variables:
     """Converts a SIGGRAPH17 generator state dict (e.g. the released siggraph17 .pth) to BaseNet variables.
 
     The classification head (`model_class.*`) is dropped: BaseNet never computes it. The result also
@@ -233,11 +236,13 @@ def siggraph17_from_torch(state_dict: Mapping[str, np.ndarray], width: int = 64,
       ConversionError: naming every missing or unexpected key and every shape mismatch.
     """
     import jax  # pylint: disable=import-outside-toplevel
+
     from smsanet_jax.models.basenet import BaseNet  # pylint: disable=import-outside-toplevel
 
     # Checked against shapes only: eval_shape allocates nothing, and 8x8 is the smallest valid input.
     expected = jax.eval_shape(
-            BaseNet(width=width).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32))
+        BaseNet(width=width).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 8, 8, 1), np.float32)
+    )
     kept = {k: v for k, v in state_dict.items() if not k.startswith(SIGGRAPH17_CLASS_HEAD)}
     return from_torch(kept, SIGGRAPH17_TABLE, expected, source)
 
@@ -277,24 +282,34 @@ def _pfanet_layers() -> tuple[tuple[Entry, str | None], ...]:
         torch_name, keras_name, module = f"cpfe_conv{level}_3", f"C{level}_cfe", f"cpfe{level}"
         rows.append((Entry(f"{torch_name}.conv_1_1", (module, "conv_1x1"), "conv", bias=False), f"{keras_name}_cfe0"))
         for i, rate in enumerate((3, 5, 7), start=1):
-            rows.append((Entry(f"{torch_name}.conv_dil_{rate}", (module, f"conv_dil{rate}"), "conv", bias=False),
-                         f"{keras_name}_cfe{i}_dilation"))
+            rows.append(
+                (
+                    Entry(f"{torch_name}.conv_dil_{rate}", (module, f"conv_dil{rate}"), "conv", bias=False),
+                    f"{keras_name}_cfe{i}_dilation",
+                )
+            )
         rows.append((Entry(f"{torch_name}.bn", (module, "bn"), "bn"), f"{keras_name}_BN"))
     rows += [
-            (Entry("cha_att.linear_1", ("channel_att", "fc1"), "linear"), None),
-            (Entry("cha_att.linear_2", ("channel_att", "fc2"), "linear"), None),
-            (Entry("hl_conv1", ("hl_conv",), "conv"), "C345_conv"),
-            (Entry("hl_bn1", ("hl_bn",), "bn"), "C345_BN"),
+        (Entry("cha_att.linear_1", ("channel_att", "fc1"), "linear"), None),
+        (Entry("cha_att.linear_2", ("channel_att", "fc2"), "linear"), None),
+        (Entry("hl_conv1", ("hl_conv",), "conv"), "C345_conv"),
+        (Entry("hl_bn1", ("hl_bn",), "bn"), "C345_BN"),
     ]
     for i, keras_conv, keras_bn in ((1, "C1_conv", "C1_BN_BN"), (2, "C2_conv", "C2_BN_BN"), (3, "C12_conv", "C12_BN")):
-        rows += [(Entry(f"ll_conv_{i}", (f"ll_conv{i}",), "conv"), keras_conv),
-                 (Entry(f"ll_bn_{i}", (f"ll_bn{i}",), "bn"), keras_bn)]
+        rows += [
+            (Entry(f"ll_conv_{i}", (f"ll_conv{i}",), "conv"), keras_conv),
+            (Entry(f"ll_bn_{i}", (f"ll_bn{i}",), "bn"), keras_bn),
+        ]
     # Branch g of the spatial attention: conv a then BN, conv b then BN (kernels (1,9)/(9,1) or the reverse).
     for g, (a, b) in ((1, ("conv1k", "convk1")), (2, ("convk1", "conv1k"))):
         for i, conv in enumerate((a, b), start=1):
-            rows += [(Entry(f"spa_att.grp{g}_{conv}", ("spatial_att", f"grp{g}_{conv}"), "conv"),
-                      f"spatial_attention_{g}_conv{i}"),
-                     (Entry(f"spa_att.grp{g}_bn{i}", ("spatial_att", f"grp{g}_bn{i}"), "bn"), f"attention{g}_{i}_BN")]
+            rows += [
+                (
+                    Entry(f"spa_att.grp{g}_{conv}", ("spatial_att", f"grp{g}_{conv}"), "conv"),
+                    f"spatial_attention_{g}_conv{i}",
+                ),
+                (Entry(f"spa_att.grp{g}_bn{i}", ("spatial_att", f"grp{g}_bn{i}"), "bn"), f"attention{g}_{i}_BN"),
+            ]
     rows.append((Entry("ff_conv_1", ("out_conv",), "conv"), "sa"))
     return tuple(rows)
 
@@ -306,19 +321,22 @@ PFANET_KERAS_NAMES: dict[str, tuple[str, ...]] = {k: e.flax for e, k in _PFANET_
 _PFANET_KERAS_UNNAMED = tuple(e.flax for e, k in _PFANET_LAYERS if k is None)
 # Keras weight name -> (collection, Flax leaf).
 _KERAS_LEAVES = {
-        "kernel": ("params", "kernel"), "bias": ("params", "bias"),
-        "gamma": ("params", "scale"), "beta": ("params", "bias"),
-        "moving_mean": ("batch_stats", "mean"), "moving_variance": ("batch_stats", "var"),
+    "kernel": ("params", "kernel"),
+    "bias": ("params", "bias"),
+    "gamma": ("params", "scale"),
+    "beta": ("params", "bias"),
+    "moving_mean": ("batch_stats", "mean"),
+    "moving_variance": ("batch_stats", "var"),
 }
 
 
 def _pfanet_shapes(variant: str) -> Variables:
     import jax  # pylint: disable=import-outside-toplevel
+
     from smsanet_jax.models.pfanet import PFANet  # pylint: disable=import-outside-toplevel
 
     # Shapes only (nothing allocated); 16x16 is the smallest valid input.
-    return jax.eval_shape(
-            PFANet(variant).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
+    return jax.eval_shape(PFANet(variant).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
 
 
 def pfanet_from_torch(state_dict: Mapping[str, np.ndarray], source: str = "PFANet checkpoint") -> Variables:
@@ -358,14 +376,20 @@ def _keras_h5_layers(path: str) -> dict[str, dict[str, np.ndarray]]:
         with h5py.File(path, "r") as f:
             root = f["model_weights"] if "model_weights" in f else f
             if "layer_names" not in root.attrs:
-                hint = (" (this looks like the Keras 3 .weights.h5 layout; save the model with "
-                        "model.save('x.h5') to get the by-layer-name layout)" if "layers" in root else "")
+                hint = (
+                    " (this looks like the Keras 3 .weights.h5 layout; save the model with "
+                    "model.save('x.h5') to get the by-layer-name layout)"
+                    if "layers" in root
+                    else ""
+                )
                 raise ConversionError(f"{path}: not a Keras HDF5 file with weights by layer name{hint}")
             layers = {}
             for layer in _decode_names(root.attrs["layer_names"]):
                 group = root[layer]
-                weights = {n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float32)
-                           for n in _decode_names(group.attrs.get("weight_names", []))}
+                weights = {
+                    n.split("/")[-1].split(":")[0]: np.asarray(group[n], np.float32)
+                    for n in _decode_names(group.attrs.get("weight_names", []))
+                }
                 if weights:
                     layers[layer] = weights
             return layers
@@ -418,8 +442,11 @@ def pfanet_from_keras_h5(path: str) -> Variables:
             _set_path(variables[collection], (*flax, leaf), value)
     for name, flax in paths.items():
         for collection in ("params", "batch_stats"):
-            errors += shape_errors(_subtree(variables[collection], flax), _subtree(expected[collection], flax),
-                                    f"layer {name} ({collection}/{'/'.join(flax)})")
+            errors += shape_errors(
+                _subtree(variables[collection], flax),
+                _subtree(expected[collection], flax),
+                f"layer {name} ({collection}/{'/'.join(flax)})",
+            )
     if errors:
         raise ConversionError(f"{path} does not match PFANet (Keras layout):\n  " + "\n  ".join(errors))
     return variables
@@ -438,9 +465,11 @@ def _recognised(names: set[str], wanted: set[str]) -> bool:
 
 def _check_network(names: set[str], kind: str, path: str) -> None:
     """One short error when a file holds another network's weights (not a list of every key)."""
-    tables = {"siggraph17": {k for e in SIGGRAPH17_TABLE for k in _torch_keys(e)},
-              "pfanet-s": {k for e in PFANET_TABLE for k in _torch_keys(e)},
-              "pfanet-k": set(PFANET_KERAS_NAMES)}
+    tables = {
+        "siggraph17": {k for e in SIGGRAPH17_TABLE for k in _torch_keys(e)},
+        "pfanet-s": {k for e in PFANET_TABLE for k in _torch_keys(e)},
+        "pfanet-k": set(PFANET_KERAS_NAMES),
+    }
     if _recognised(names, tables[kind]):
         return
     guess = next((other for other, wanted in tables.items() if other != kind and _recognised(names, wanted)), None)
@@ -448,8 +477,12 @@ def _check_network(names: set[str], kind: str, path: str) -> None:
     raise ConversionError(
         f"{path} holds no {kind} weights: {found} of the {len(tables[kind])} "
         f"{'layers' if kind == 'pfanet-k' else 'tensors'} it should have are in it"
-        + (f"; it looks like {guess} weights (convert-weights {guess} ...)" if guess
-           else f" (it has e.g. {', '.join(sorted(names)[:3])})"))
+        + (
+            f"; it looks like {guess} weights (convert-weights {guess} ...)"
+            if guess
+            else f" (it has e.g. {', '.join(sorted(names)[:3])})"
+        )
+    )
 
 
 def _sha256(path: str) -> str:
@@ -466,8 +499,9 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     except ConversionError as e:
         with open(path, "rb") as f:
             hdf5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
-        raise ConversionError(f"{e} (an HDF5 file: official Keras PFANet weights convert as pfanet-k)"
-                              if hdf5 else str(e)) from e
+        raise ConversionError(
+            f"{e} (an HDF5 file: official Keras PFANet weights convert as pfanet-k)" if hdf5 else str(e)
+        ) from e
 
 
 def convert_file(kind: str, src: str, dst: str, overwrite: bool = False) -> dict[str, Any]:

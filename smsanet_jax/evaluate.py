@@ -52,16 +52,16 @@ GRID_METRIC = "psnr"
 PROTOCOL = {
     "geometry": "short side resized to image_size (Pillow bicubic, antialiased), centre crop",
     "prediction": "L of the ground truth + predicted ab -> sRGB (scikit-image's Lab, D65) -> uint8, "
-                  "rounded half to even",
+    "rounded half to even",
     "psnr": "skimage peak_signal_noise_ratio(data_range=255) on uint8 RGB, per image",
     "ssim": "skimage structural_similarity(channel_axis=-1, data_range=255), defaults: 7x7 uniform "
-            "window, sample covariance, per image",
+    "window, sample covariance, per image",
     "ssim_gaussian": "Wang et al. 2004: skimage structural_similarity with gaussian_weights=True, "
-                     "sigma=1.5, use_sample_covariance=False, data_range=255, per image",
+    "sigma=1.5, use_sample_covariance=False, data_range=255, per image",
     "colorfulness": "Hasler & Suesstrunk 2003 on the prediction (0..255 values), per image",
     "summary": "mean over images; std with ddof=1; ci95 = mean -/+ t(0.975, n-1) * std / sqrt(n); "
-               "psnr statistics over images with finite PSNR (identical images have infinite PSNR "
-               "and are counted in n_infinite)",
+    "psnr statistics over images with finite PSNR (identical images have infinite PSNR "
+    "and are counted in n_infinite)",
 }
 _OUTPUTS = ("summary.json", "per_image.csv", "images.txt", "grid.png")
 
@@ -105,16 +105,28 @@ class FolderImages(EvalImages):
     No preparation step: files are decoded with the loaders' robust decoder in a thread pool.
     """
 
-    def __init__(self, root: str, *, image_size: int = IMAGE_SIZE, num_images: int | None = None,
-                 seed: int = 0, num_threads: int | None = None):
+    def __init__(
+        self,
+        root: str,
+        *,
+        image_size: int = IMAGE_SIZE,
+        num_images: int | None = None,
+        seed: int = 0,
+        num_threads: int | None = None,
+    ):
         listing = image_folder.list_folder(root)
         self.root = listing.root
         self._files = [f[0] for f in listing.files]
         self.ids = data.select_examples(len(self._files), num_images, seed)
         self.image_size = image_size
         self._threads = num_threads or min(8, os.cpu_count() or 1)
-        self.description = {"folder": self.root, "num_files": len(self._files),
-                            "num_images_requested": num_images, "seed": seed, "image_size": image_size}
+        self.description = {
+            "folder": self.root,
+            "num_files": len(self._files),
+            "num_images_requested": num_images,
+            "seed": seed,
+            "image_size": image_size,
+        }
 
     def name(self, example_id: int) -> str:
         return self._files[example_id]
@@ -134,8 +146,7 @@ class FolderImages(EvalImages):
         try:
             return self.read(example_id), True
         except decode.UnreadableImageError as e:
-            logging.warning("skipping %s: unreadable (%s); masked out of the evaluation",
-                            self.name(example_id), e)
+            logging.warning("skipping %s: unreadable (%s); masked out of the evaluation", self.name(example_id), e)
             return np.zeros((self.image_size, self.image_size, 3), np.uint8), False
 
     def batches(self, local_batch_size: int) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
@@ -144,7 +155,7 @@ class FolderImages(EvalImages):
         num_batches = math.ceil(math.ceil(len(self.ids) / count) / local_batch_size)
         start, stop = (len(self.ids) * i // count for i in (index, index + 1))
         padded = np.full(num_batches * local_batch_size, -1, np.int64)
-        padded[:stop - start] = self.ids[start:stop]
+        padded[: stop - start] = self.ids[start:stop]
         return num_batches, self._iterate(padded.reshape(num_batches, local_batch_size))
 
     def _iterate(self, id_batches: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
@@ -156,23 +167,43 @@ class FolderImages(EvalImages):
                 current = pending
                 pending = submit(id_batches[k + 1]) if k + 1 < len(id_batches) else []
                 examples = [f.result() for f in current]
-                yield {"rgb": np.stack([e[0] for e in examples]), "id": ids,
-                       "mask": np.array([e[1] for e in examples])}
+                yield {"rgb": np.stack([e[0] for e in examples]), "id": ids, "mask": np.array([e[1] for e in examples])}
 
 
 class DatasetImages(EvalImages):
     """A fixed random subset of a prepared dataset split (the paper protocol), via the grain loader."""
 
-    def __init__(self, name: str, split: str, *, data_dir: str | None = None,
-                 image_size: int = IMAGE_SIZE, num_images: int | None = PAPER_NUM_IMAGES,
-                 seed: int = 0, num_workers: int = 0):
-        self._args = dict(name=name, split=split, data_dir=data_dir, image_size=image_size,
-                          num_examples=num_images, seed=seed, num_workers=num_workers)
+    def __init__(
+        self,
+        name: str,
+        split: str,
+        *,
+        data_dir: str | None = None,
+        image_size: int = IMAGE_SIZE,
+        num_images: int | None = PAPER_NUM_IMAGES,
+        seed: int = 0,
+        num_workers: int = 0,
+    ):
+        self._args = dict(
+            name=name,
+            split=split,
+            data_dir=data_dir,
+            image_size=image_size,
+            num_examples=num_images,
+            seed=seed,
+            num_workers=num_workers,
+        )
         self.source = data.open_source(name, split, data_dir=data_dir)
         self.ids = data.select_examples(len(self.source), num_images, seed)
         self.image_size = image_size
-        self.description = {"dataset": self.source.dataset, "split": split, "num_records": len(self.source),
-                            "num_images_requested": num_images, "seed": seed, "image_size": image_size}
+        self.description = {
+            "dataset": self.source.dataset,
+            "split": split,
+            "num_records": len(self.source),
+            "num_images_requested": num_images,
+            "seed": seed,
+            "image_size": image_size,
+        }
 
     def name(self, example_id: int) -> str:
         return self.source.name(example_id)
@@ -192,8 +223,7 @@ class _Scores:
 
     ids: list[np.ndarray] = dataclasses.field(default_factory=list)
     mask: list[np.ndarray] = dataclasses.field(default_factory=list)
-    values: dict[str, list[np.ndarray]] = dataclasses.field(
-        default_factory=lambda: {k: [] for k in METRICS})
+    values: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=lambda: {k: [] for k in METRICS})
 
     def add(self, host: dict[str, np.ndarray]) -> None:
         self.ids.append(host["id"])
@@ -221,9 +251,13 @@ def eval_step(apply_fn, variables: Any, batch: dict[str, jax.Array]) -> dict[str
     """Per-image prediction and scores of one batch (padding rows are scored too; mask them)."""
     pred = predict_rgb(apply_fn, variables, batch["rgb"])
     true = batch["rgb"]
-    return {"pred_rgb": pred, "psnr": metrics.psnr(pred, true), "ssim": metrics.ssim(pred, true),
-            "ssim_gaussian": metrics.ssim(pred, true, gaussian=True),
-            "colorfulness": metrics.colorfulness(pred)}
+    return {
+        "pred_rgb": pred,
+        "psnr": metrics.psnr(pred, true),
+        "ssim": metrics.ssim(pred, true),
+        "ssim_gaussian": metrics.ssim(pred, true, gaussian=True),
+        "colorfulness": metrics.colorfulness(pred),
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -239,9 +273,17 @@ def comparison_grid(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return reporting.image_grid([[g, p, t] for g, p, t in zip(gray, pred, truth)])
 
 
-def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_size: int = 16,
-             num_devices: int = 0, save_images: bool = False, overwrite: bool = False,
-             stream=None) -> dict[str, Any]:
+def evaluate(
+    colorizer: Colorizer,
+    images: EvalImages,
+    out_dir: str,
+    *,
+    batch_size: int = 16,
+    num_devices: int = 0,
+    save_images: bool = False,
+    overwrite: bool = False,
+    stream=None,
+) -> dict[str, Any]:
     """Scores `colorizer` on `images` and writes the report (see the module docstring) to `out_dir`.
 
     Args:
@@ -263,14 +305,16 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
     lead = jax.process_index() == 0
     existing = [f for f in _OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
     if existing and not overwrite:
-        raise ValueError(f"{out_dir} already holds an evaluation ({', '.join(existing)}); "
-                         "use --overwrite or another --out")
+        raise ValueError(
+            f"{out_dir} already holds an evaluation ({', '.join(existing)}); use --overwrite or another --out"
+        )
     os.makedirs(out_dir, exist_ok=True)
     mesh = parallel.make_mesh(num_devices)
     global_batch = parallel.round_up_to_devices(batch_size, mesh)
     if global_batch != batch_size:
-        logging.info("batch size %d rounded up to %d (a multiple of the %d devices)", batch_size,
-                     global_batch, mesh.size)
+        logging.info(
+            "batch size %d rounded up to %d (a multiple of the %d devices)", batch_size, global_batch, mesh.size
+        )
     variables = jax.device_put(colorizer.variables, parallel.replicated(mesh))
     eval_fn = _compiled_eval_step(colorizer.apply_fn)
 
@@ -302,12 +346,23 @@ def evaluate(colorizer: Colorizer, images: EvalImages, out_dir: str, *, batch_si
     grid_ids = _grid_ids(ids, values[GRID_METRIC])
     grid = _grid(eval_fn, variables, images, grid_ids, global_batch, mesh)
     names = [images.name(int(i)) for i in ids]
-    summary = _summary(colorizer, images, names, values, [images.name(int(i)) for i in unreadable],
-                       {rank: images.name(int(i)) for rank, i in grid_ids.items()})
-    summary["run"] = {"devices": mesh.size, "processes": jax.process_count(), "platform": jax.default_backend(),
-                      "batch_size": global_batch, "seconds": round(time.perf_counter() - started, 2),
-                      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                      "versions": _versions()}
+    summary = _summary(
+        colorizer,
+        images,
+        names,
+        values,
+        [images.name(int(i)) for i in unreadable],
+        {rank: images.name(int(i)) for rank, i in grid_ids.items()},
+    )
+    summary["run"] = {
+        "devices": mesh.size,
+        "processes": jax.process_count(),
+        "platform": jax.default_backend(),
+        "batch_size": global_batch,
+        "seconds": round(time.perf_counter() - started, 2),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "versions": _versions(),
+    }
     if lead:
         _write_report(out_dir, summary, names, values, grid)
         print(format_table(summary), file=stream or sys.stdout, flush=True)
@@ -325,18 +380,17 @@ def _gather(out: dict[str, jax.Array], placed: dict, keys: Sequence[str] = METRI
     """Every process's rows of `keys`, with their ids and mask, on the host."""
     # The ids travel with the rows, so nothing assumes how processes' rows are ordered globally.
     return multihost_utils.process_allgather(
-        {**{k: out[k] for k in keys}, "id": placed["id"], "mask": placed["mask"]}, tiled=True)
+        {**{k: out[k] for k in keys}, "id": placed["id"], "mask": placed["mask"]}, tiled=True
+    )
 
 
 def _grid_ids(ids: np.ndarray, values: np.ndarray) -> dict[str, int]:
     """Ids of the best, median and worst image by `values` (ties: the lower id)."""
     order = np.lexsort((ids, -values))  # Best first.
-    return {"best": int(ids[order[0]]), "median": int(ids[order[(len(order) - 1) // 2]]),
-            "worst": int(ids[order[-1]])}
+    return {"best": int(ids[order[0]]), "median": int(ids[order[(len(order) - 1) // 2]]), "worst": int(ids[order[-1]])}
 
 
-def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], global_batch: int,
-          mesh) -> np.ndarray:
+def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], global_batch: int, mesh) -> np.ndarray:
     """gray | prediction | truth rows for `grid_ids`, predicted again with the same compiled step.
 
     Every process runs the same padded global batch (its own slice of it), as in the main pass.
@@ -348,9 +402,12 @@ def _grid(eval_fn, variables, images: EvalImages, grid_ids: dict[str, int], glob
     local = global_batch // jax.process_count()
     predicted = {}
     for start in range(0, len(rows), global_batch):
-        mine = rows[start:start + global_batch][jax.process_index() * local:(jax.process_index() + 1) * local]
-        batch = {"rgb": np.stack([truth.get(i, blank) for i in mine]), "id": np.array(mine),
-                 "mask": np.array([i >= 0 for i in mine])}
+        mine = rows[start : start + global_batch][jax.process_index() * local : (jax.process_index() + 1) * local]
+        batch = {
+            "rgb": np.stack([truth.get(i, blank) for i in mine]),
+            "id": np.array(mine),
+            "mask": np.array([i >= 0 for i in mine]),
+        }
         host = _gather(*_dispatch(eval_fn, variables, batch, mesh), keys=("pred_rgb",))
         predicted.update({int(i): p for i, p in zip(host["id"], host["pred_rgb"]) if i >= 0})
     return comparison_grid(np.stack([truth[i] for i in wanted]), np.stack([predicted[i] for i in wanted]))
@@ -378,8 +435,14 @@ def _lines(names: Sequence[str]) -> str:
     return "".join(f"{n}\n" for n in names)
 
 
-def _summary(colorizer: Colorizer, images: EvalImages, names: list[str], values: dict[str, np.ndarray],
-             unreadable: list[str], grid: dict[str, str]) -> dict[str, Any]:
+def _summary(
+    colorizer: Colorizer,
+    images: EvalImages,
+    names: list[str],
+    values: dict[str, np.ndarray],
+    unreadable: list[str],
+    grid: dict[str, str],
+) -> dict[str, Any]:
     summary: dict[str, Any] = {"n": len(names)}
     for k in METRICS:
         summary[k] = _statistics(values[k], count_infinite=k == "psnr")
@@ -389,8 +452,12 @@ def _summary(colorizer: Colorizer, images: EvalImages, names: list[str], values:
     summary["images_sha256"] = list_sha256(names)
     summary["images"] = names
     summary["unreadable"] = unreadable
-    summary["grid"] = {"ranked_by": GRID_METRIC, "rows": ["best", "median", "worst"],
-                       "columns": ["gray", "prediction", "truth"], **grid}
+    summary["grid"] = {
+        "ranked_by": GRID_METRIC,
+        "rows": ["best", "median", "worst"],
+        "columns": ["gray", "prediction", "truth"],
+        **grid,
+    }
     return summary
 
 
@@ -415,8 +482,9 @@ def _write_text(path: str, text: str) -> None:
             os.remove(tmp)
 
 
-def _write_report(out_dir: str, summary: dict[str, Any], names: list[str], values: dict[str, np.ndarray],
-                  grid: np.ndarray) -> None:
+def _write_report(
+    out_dir: str, summary: dict[str, Any], names: list[str], values: dict[str, np.ndarray], grid: np.ndarray
+) -> None:
     _write_text(os.path.join(out_dir, "images.txt"), _lines(names))
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
@@ -450,17 +518,20 @@ def format_table(summary: dict[str, Any]) -> str:
     """The short result table printed at the end of `evaluate`."""
     model = summary["model"]
     step = f" step {model['step']}" if model.get("step") else ""
-    lines = [f"{model['source']}{step} on {summary['n']} images "
-             f"(list sha256 {summary['images_sha256'][:12]})",
-             f"{'metric':<15}{'mean':>10}{'std':>10}   95% CI"]
+    lines = [
+        f"{model['source']}{step} on {summary['n']} images (list sha256 {summary['images_sha256'][:12]})",
+        f"{'metric':<15}{'mean':>10}{'std':>10}   95% CI",
+    ]
     fmt = lambda v: "-" if v is None else f"{v:.4f}"
     for k in METRICS:
         s = summary[k]
         ci = "-" if s["ci95"] is None else f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"
         lines.append(f"{k:<15}{fmt(s['mean']):>10}{fmt(s['std']):>10}   {ci}")
     if summary["psnr"]["n_infinite"]:
-        lines.append(f"({summary['psnr']['n_infinite']} images reproduced exactly: infinite PSNR, "
-                     "left out of the PSNR statistics)")
+        lines.append(
+            f"({summary['psnr']['n_infinite']} images reproduced exactly: infinite PSNR, "
+            "left out of the PSNR statistics)"
+        )
     if summary["unreadable"]:
         lines.append(f"({len(summary['unreadable'])} unreadable images skipped: see summary.json)")
     return "\n".join(lines)

@@ -22,10 +22,10 @@ import platform
 import sys
 
 TUNABLES = {
-        "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on the heap (glibc >= 2.35).
-        "glibc.malloc.mmap_max": "0",  # Large blocks from the heap too, not from mmap.
-        "glibc.malloc.trim_threshold": str(2 ** 62),  # Never hand the heap's top back.
-        "glibc.malloc.arena_max": "1",  # One heap, so that every thread's frees serve every thread.
+    "glibc.malloc.hugetlb": "1",  # madvise(MADV_HUGEPAGE) on the heap (glibc >= 2.35).
+    "glibc.malloc.mmap_max": "0",  # Large blocks from the heap too, not from mmap.
+    "glibc.malloc.trim_threshold": str(2**62),  # Never hand the heap's top back.
+    "glibc.malloc.arena_max": "1",  # One heap, so that every thread's frees serve every thread.
 }
 OPT_OUT_VARIABLE = "SMSANET_MALLOC_TUNING"
 

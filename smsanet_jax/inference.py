@@ -33,8 +33,13 @@ class Colorizer:
     provenance: Mapping[str, Any]
 
 
-def gray_apply(variables: Mapping[str, Any], l: jax.Array, ab_hint: jax.Array | None = None,
-               mask: jax.Array | None = None, train: bool = False) -> jax.Array:
+def gray_apply(
+    variables: Mapping[str, Any],
+    l: jax.Array,
+    ab_hint: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    train: bool = False,
+) -> jax.Array:
     """The gray baseline: ab = 0 everywhere, whatever the hints (the floor every model must beat)."""
     del variables, ab_hint, mask, train
     return jnp.zeros(l.shape[:-1] + (2,), jnp.float32)
@@ -51,8 +56,14 @@ def params_sha256(variables: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def load_colorizer(*, workdir: str | None = None, params: str | None = None, config: str | None = None,
-                   overrides: Sequence[str] = (), baseline: str | None = None) -> Colorizer:
+def load_colorizer(
+    *,
+    workdir: str | None = None,
+    params: str | None = None,
+    config: str | None = None,
+    overrides: Sequence[str] = (),
+    baseline: str | None = None,
+) -> Colorizer:
     """Loads exactly one of: a workdir's latest checkpoint, a weights file with its config, a baseline.
 
     Args:
@@ -72,15 +83,17 @@ def load_colorizer(*, workdir: str | None = None, params: str | None = None, con
     if sum(x is not None for x in (workdir, params, baseline)) != 1:
         raise ValueError("give exactly one model: --workdir DIR, --params FILE --config C, or --baseline gray")
     if (params is None) != (config is None):
-        raise ValueError("--params and --config go together (e.g. --params siggraph17.msgpack "
-                         "--config configs/basenet.py)")
+        raise ValueError(
+            "--params and --config go together (e.g. --params siggraph17.msgpack --config configs/basenet.py)"
+        )
     if overrides and config is None:
         raise ValueError("--config.key=value overrides apply to --config; a workdir's config is fixed")
     if baseline is not None:
         if baseline not in BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-        return Colorizer(gray_apply, {}, {"source": f"baseline:{baseline}", "step": None,
-                                          "params_sha256": None, "config": None})
+        return Colorizer(
+            gray_apply, {}, {"source": f"baseline:{baseline}", "step": None, "params_sha256": None, "config": None}
+        )
     if workdir is not None:
         cfg, model, variables, step = train.load_trained(workdir)
         variables = jax.device_get(variables)
@@ -92,16 +105,20 @@ def load_colorizer(*, workdir: str | None = None, params: str | None = None, con
         variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
         # Shapes only: eval_shape allocates nothing. The config's image size suits its attention scales.
         size = cfg.image_size
-        expected = jax.eval_shape(model.init, jax.random.key(0),
-                                  jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+        expected = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
         errors = convert.shape_errors(variables, expected)
         if errors:
-            raise ValueError(f"{params} does not fit the network of {config}:\n  " + "\n  ".join(errors[:20])
-                             + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else ""))
+            raise ValueError(
+                f"{params} does not fit the network of {config}:\n  "
+                + "\n  ".join(errors[:20])
+                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+            )
         step, source = None, params
-    return Colorizer(model.apply, variables, {
-        "source": source, "step": step, "params_sha256": params_sha256(variables),
-        "config": _plain(cfg)})
+    return Colorizer(
+        model.apply,
+        variables,
+        {"source": source, "step": step, "params_sha256": params_sha256(variables), "config": _plain(cfg)},
+    )
 
 
 def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,9 @@ def huber(pred_ab: jax.Array, true_ab: jax.Array) -> jax.Array:
     return jnp.mean(jnp.where(d < HUBER_DELTA, 0.5 * d * d / HUBER_DELTA, d - 0.5 * HUBER_DELTA))
 
 
-def salient(pred_ab: jax.Array, true_ab: jax.Array, pred_mask: jax.Array, true_mask: jax.Array,
-            norm: str = "l1") -> jax.Array:
+def salient(
+    pred_ab: jax.Array, true_ab: jax.Array, pred_mask: jax.Array, true_mask: jax.Array, norm: str = "l1"
+) -> jax.Array:
     """Salient loss of Eq. 6: mean over N, H, W, C of |m_true ab_true - m_pred ab_pred| on ab / 110.
 
     Args:
@@ -61,13 +62,13 @@ def salient(pred_ab: jax.Array, true_ab: jax.Array, pred_mask: jax.Array, true_m
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     pred_mask, true_mask = jax.lax.stop_gradient((pred_mask, true_mask))
-    diff = colorspace.normalize_ab(
-            true_mask * _at_least_f32(true_ab) - pred_mask * _at_least_f32(pred_ab))
+    diff = colorspace.normalize_ab(true_mask * _at_least_f32(true_ab) - pred_mask * _at_least_f32(pred_ab))
     return jnp.mean(jnp.abs(diff) if norm == "l1" else diff * diff)
 
 
-def saliency_masks(saliency_fn: SaliencyFn, l: jax.Array, true_ab: jax.Array, pred_ab: jax.Array,
-                   threshold: float) -> tuple[jax.Array, jax.Array]:
+def saliency_masks(
+    saliency_fn: SaliencyFn, l: jax.Array, true_ab: jax.Array, pred_ab: jax.Array, threshold: float
+) -> tuple[jax.Array, jax.Array]:
     """Binary saliency masks of the ground truth and of the prediction, both without gradient.
 
     The two RGB renderings (L + true ab, L + predicted ab, via `colorspace.lab_to_rgb`, scaled to
@@ -90,9 +91,16 @@ def saliency_masks(saliency_fn: SaliencyFn, l: jax.Array, true_ab: jax.Array, pr
     return true_mask, pred_mask
 
 
-def total(pred_ab: jax.Array, true_ab: jax.Array, l: jax.Array, *, alpha: float,
-          saliency_fn: SaliencyFn | None = None, threshold: float = 0.5, norm: str = "l1",
-          ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def total(
+    pred_ab: jax.Array,
+    true_ab: jax.Array,
+    l: jax.Array,
+    *,
+    alpha: float,
+    saliency_fn: SaliencyFn | None = None,
+    threshold: float = 0.5,
+    norm: str = "l1",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss of Eq. 7: huber + alpha * salient.
 
     Args:

@@ -72,7 +72,11 @@ def _filter_valid(x: jax.Array, taps: np.ndarray) -> jax.Array:
 
 
 def _local_covariances(
-        x: jax.Array, y: jax.Array, ux: jax.Array, uy: jax.Array, taps: np.ndarray,
+    x: jax.Array,
+    y: jax.Array,
+    ux: jax.Array,
+    uy: jax.Array,
+    taps: np.ndarray,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Weighted variances of x, y and their covariance over every window with local means ux, uy.
 
@@ -82,8 +86,8 @@ def _local_covariances(
     h, w = ux.shape[1:3]
     vx = vy = vxy = jnp.zeros_like(ux)
     for (i, ti), (j, tj) in itertools.product(enumerate(taps), repeat=2):
-        dx = x[:, i:i + h, j:j + w] - ux
-        dy = y[:, i:i + h, j:j + w] - uy
+        dx = x[:, i : i + h, j : j + w] - ux
+        dy = y[:, i : i + h, j : j + w] - uy
         weight = float(ti * tj)
         vx += weight * dx * dx
         vy += weight * dy * dy

@@ -27,14 +27,14 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.custom_partitioning import custom_partitioning
-from jax.sharding import NamedSharding, PartitionSpec as P
 import jaxlib
 import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
-_TARGETS = {"smsanet_windows_to_planes": "SmsanetWindowsToPlanes",
-            "smsanet_planes_to_pixels": "SmsanetPlanesToPixels"}
+_TARGETS = {"smsanet_windows_to_planes": "SmsanetWindowsToPlanes", "smsanet_planes_to_pixels": "SmsanetPlanesToPixels"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 DISABLE_VARIABLE = "SMSANET_NATIVE"
 
@@ -60,8 +60,9 @@ def build() -> pathlib.Path:
         OSError, subprocess.CalledProcessError: when it cannot be built.
     """
     compiler = os.environ.get("CXX", "g++")
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS,
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        "\0".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS, _cpu_signature()]).encode()
+    ).hexdigest()[:16]
     library = _cache_dir() / f"smsanet_native-{key}.so"
     if library.exists():
         return library
@@ -71,8 +72,12 @@ def build() -> pathlib.Path:
     fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", partial],
-                       check=True, capture_output=True, text=True)
+        subprocess.run(
+            [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", partial],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
@@ -99,14 +104,19 @@ def available() -> bool:
         _registered_library()
     except (OSError, subprocess.CalledProcessError) as error:
         detail = getattr(error, "stderr", None) or error
-        warnings.warn(f"smsanet_jax: could not build the native Winograd transforms ({detail}); "
-                      "using the XLA ones, which are slower", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"smsanet_jax: could not build the native Winograd transforms ({detail}); "
+            "using the XLA ones, which are slower",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False
     return True
 
 
 class _Geometry(NamedTuple):
     """A transform's static attributes (hashable, for `custom_partitioning`)."""
+
     matrix: tuple[tuple[float, ...], ...]
     window: int
     stride: int
@@ -119,36 +129,48 @@ class _Geometry(NamedTuple):
 
     def attributes(self) -> dict[str, Any]:
         """The FFI attributes: `height` and `width` come from the image buffer's own shape."""
-        attributes = {name: np.int64(value) for name, value in self._asdict().items()
-                      if name not in ("matrix", "height", "width")}
+        attributes = {
+            name: np.int64(value) for name, value in self._asdict().items() if name not in ("matrix", "height", "width")
+        }
         return {**attributes, "matrix": np.asarray(self.matrix, np.float32).ravel()}
 
 
 def _geometry(matrix, window: int, stride: int, image_shape: tuple[int, ...], padding) -> _Geometry:
     """The attributes of a transform; registers the kernels (they must be `available()`)."""
     if not available():
-        raise RuntimeError("the native Winograd transforms are not available (see the warning, or "
-                           f"{DISABLE_VARIABLE}=0): use ops.py's XLA formulations")
+        raise RuntimeError(
+            "the native Winograd transforms are not available (see the warning, or "
+            f"{DISABLE_VARIABLE}=0): use ops.py's XLA formulations"
+        )
     (top, bottom), (left, right) = padding
     height, width = image_shape[1:3]
-    return _Geometry(tuple(map(tuple, np.asarray(matrix, np.float32).tolist())), window, stride, top, left,
-                     (height + top + bottom - window) // stride + 1, (width + left + right - window) // stride + 1,
-                     height, width)
+    return _Geometry(
+        tuple(map(tuple, np.asarray(matrix, np.float32).tolist())),
+        window,
+        stride,
+        top,
+        left,
+        (height + top + bottom - window) // stride + 1,
+        (width + left + right - window) // stride + 1,
+        height,
+        width,
+    )
 
 
 def _windows_to_planes_call(x: jax.Array, geometry: _Geometry) -> jax.Array:
     """The custom call on one device's images: [N, H, W, C] -> [s * s, N, P * Q, C]."""
-    result = jax.ShapeDtypeStruct((len(geometry.matrix) ** 2, x.shape[0], geometry.rows * geometry.cols, x.shape[3]),
-                                  x.dtype)
-    return jax.ffi.ffi_call("smsanet_windows_to_planes", result, vmap_method="sequential")(
-            x, **geometry.attributes())
+    result = jax.ShapeDtypeStruct(
+        (len(geometry.matrix) ** 2, x.shape[0], geometry.rows * geometry.cols, x.shape[3]), x.dtype
+    )
+    return jax.ffi.ffi_call("smsanet_windows_to_planes", result, vmap_method="sequential")(x, **geometry.attributes())
 
 
 def _planes_to_pixels_call(planes: jax.Array, geometry: _Geometry) -> jax.Array:
     """The custom call on one device's images: [s * s, N, P * Q, C] -> [N, H, W, C]."""
     result = jax.ShapeDtypeStruct((planes.shape[1], geometry.height, geometry.width, planes.shape[3]), planes.dtype)
     return jax.ffi.ffi_call("smsanet_planes_to_pixels", result, vmap_method="sequential")(
-            planes, **geometry.attributes())
+        planes, **geometry.attributes()
+    )
 
 
 def _split_by_image(call: Callable, image_axes: tuple[int, int], rule: str, replicated: tuple[str, ...]) -> Callable:
@@ -176,8 +198,9 @@ def _split_by_image(call: Callable, image_axes: tuple[int, int], rule: str, repl
     def infer_sharding(geometry, mesh, arg_shapes, result_shape):
         return shardings(mesh, arg_shapes, result_shape)[1]
 
-    partitioned.def_partition(partition, infer_sharding_from_operands=infer_sharding, sharding_rule=rule,
-                              need_replication_factors=replicated)
+    partitioned.def_partition(
+        partition, infer_sharding_from_operands=infer_sharding, sharding_rule=rule, need_replication_factors=replicated
+    )
     return partitioned
 
 
@@ -186,8 +209,9 @@ _windows_to_planes = _split_by_image(_windows_to_planes_call, (0, 1), "n h w c -
 _planes_to_pixels = _split_by_image(_planes_to_pixels_call, (1, 0), "t n k c -> n h w c", ("t", "k"))
 
 
-def _over_images(call: Callable, partitioned: Callable, geometry: _Geometry,
-                 image_axes: tuple[int, int]) -> Callable[[jax.Array], jax.Array]:
+def _over_images(
+    call: Callable, partitioned: Callable, geometry: _Geometry, image_axes: tuple[int, int]
+) -> Callable[[jax.Array], jax.Array]:
     """`call(array, geometry)` as a function of `array` that shards and vmaps by image.
 
     Across devices it is `partitioned`: a `custom_partitioning` op puts a pointer to its Python
@@ -208,10 +232,11 @@ def _over_images(call: Callable, partitioned: Callable, geometry: _Geometry,
         if not in_batched[0]:
             return _over_images(call, partitioned, geometry, image_axes)(array), False
         array = jnp.moveaxis(array, 0, operand_axis)
-        merged = array.reshape(*array.shape[:operand_axis], -1, *array.shape[operand_axis + 2:])
+        merged = array.reshape(*array.shape[:operand_axis], -1, *array.shape[operand_axis + 2 :])
         result = _over_images(call, partitioned, geometry, image_axes)(merged)
-        result = result.reshape(*result.shape[:result_axis], array.shape[operand_axis], -1,
-                                *result.shape[result_axis + 1:])
+        result = result.reshape(
+            *result.shape[:result_axis], array.shape[operand_axis], -1, *result.shape[result_axis + 1 :]
+        )
         return jnp.moveaxis(result, result_axis, 0), True
 
     return transform
@@ -229,8 +254,9 @@ def windows_to_planes(x: jax.Array, matrix, window: int, stride: int, padding=((
     return planes.reshape(planes.shape[0], -1, planes.shape[3])
 
 
-def planes_to_pixels(planes: jax.Array, matrix, window: int, stride: int, shape: tuple[int, int, int, int],
-                     padding=((0, 0), (0, 0))) -> jax.Array:
+def planes_to_pixels(
+    planes: jax.Array, matrix, window: int, stride: int, shape: tuple[int, int, int, int], padding=((0, 0), (0, 0))
+) -> jax.Array:
     """The transpose of `windows_to_planes` for a [window, s] matrix M: overlapping windows add up.
 
     Returns the [N, H, W, C] image of the given shape in which window (p, q) of its padded frame

@@ -22,8 +22,8 @@ import functools
 from typing import NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
+from jax import lax
 
 from smsanet_jax import native
 
@@ -53,12 +53,12 @@ def resolve_impl(impl: str) -> str:
 
 
 def conv2d(
-        x: jax.Array,
-        kernel: jax.Array,
-        *,
-        padding: Padding,
-        dilation: tuple[int, int] = (1, 1),
-        impl: str = "auto",
+    x: jax.Array,
+    kernel: jax.Array,
+    *,
+    padding: Padding,
+    dilation: tuple[int, int] = (1, 1),
+    impl: str = "auto",
 ) -> jax.Array:
     """Stride-1 cross-correlation, as torch.nn.Conv2d (without bias).
 
@@ -78,14 +78,18 @@ def conv2d(
         if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
             return _conv1x1(x, kernel)
         d = dilation[0]
-        if (kernel.shape[:2] == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d))
-                and _fits_winograd(x, kernel)):
+        if (
+            kernel.shape[:2] == (3, 3)
+            and dilation == (d, d)
+            and padding == ((d, d), (d, d))
+            and _fits_winograd(x, kernel)
+        ):
             return _conv3x3_winograd(x, kernel, d)
         if _fits_shifted_vjp(kernel.shape, padding, dilation):
             return _conv_shifted_vjp(x, kernel, padding, dilation)
     return lax.conv_general_dilated(
-            x, kernel, window_strides=(1, 1), padding=padding, rhs_dilation=dilation,
-            dimension_numbers=_DIMENSION_NUMBERS)
+        x, kernel, window_strides=(1, 1), padding=padding, rhs_dilation=dilation, dimension_numbers=_DIMENSION_NUMBERS
+    )
 
 
 def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> jax.Array:
@@ -111,12 +115,18 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto"
     # A transposed convolution is a correlation of the 2x-dilated input, padded by k - 1 - p = 2,
     # with the spatially flipped kernel.
     return lax.conv_general_dilated(
-            x, jnp.flip(kernel, (0, 1)), window_strides=(1, 1), padding=((2, 2), (2, 2)),
-            lhs_dilation=(2, 2), dimension_numbers=_DIMENSION_NUMBERS)
+        x,
+        jnp.flip(kernel, (0, 1)),
+        window_strides=(1, 1),
+        padding=((2, 2), (2, 2)),
+        lhs_dilation=(2, 2),
+        dimension_numbers=_DIMENSION_NUMBERS,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # XLA:CPU formulations.
+
 
 def _fits_shifted_vjp(kernel_shape: tuple[int, ...], padding: Padding, dilation: tuple[int, int]) -> bool:
     """Whether `_conv_shifted_vjp` serves this conv: BaseNet's 3x3 kernels, dilation 1 or 2.
@@ -126,8 +136,9 @@ def _fits_shifted_vjp(kernel_shape: tuple[int, ...], padding: Padding, dilation:
     """
     kh, kw = kernel_shape[:2]
     # The input gradient is a correlation padded by (k - 1) * d - p, which must not be negative.
-    fits = all(0 <= lo and 0 <= hi and max(lo, hi) <= (k - 1) * d
-               for (lo, hi), k, d in zip(padding, (kh, kw), dilation))
+    fits = all(
+        0 <= lo and 0 <= hi and max(lo, hi) <= (k - 1) * d for (lo, hi), k, d in zip(padding, (kh, kw), dilation)
+    )
     return fits and (kh, kw) == (3, 3) and dilation in ((1, 1), (2, 2))
 
 
@@ -140,12 +151,23 @@ def _accumulation_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _conv_f32(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int] = (1, 1),
-              strides: tuple[int, int] = (1, 1)) -> jax.Array:
+def _conv_f32(
+    x: jax.Array,
+    kernel: jax.Array,
+    padding: Padding,
+    dilation: tuple[int, int] = (1, 1),
+    strides: tuple[int, int] = (1, 1),
+) -> jax.Array:
     """Correlation accumulated in at least float32, returned in the dtype of `x`."""
     y = lax.conv_general_dilated(
-            x, kernel, window_strides=strides, padding=padding, rhs_dilation=dilation,
-            dimension_numbers=_DIMENSION_NUMBERS, preferred_element_type=_accumulation_dtype(x.dtype))
+        x,
+        kernel,
+        window_strides=strides,
+        padding=padding,
+        rhs_dilation=dilation,
+        dimension_numbers=_DIMENSION_NUMBERS,
+        preferred_element_type=_accumulation_dtype(x.dtype),
+    )
     return y.astype(x.dtype)
 
 
@@ -161,8 +183,9 @@ def _conv1x1(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return y.astype(x.dtype).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _weight_grad(x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], padding: Padding,
-                 dilation: tuple[int, int]) -> jax.Array:
+def _weight_grad(
+    x: jax.Array, dy: jax.Array, kernel_size: tuple[int, int], padding: Padding, dilation: tuple[int, int]
+) -> jax.Array:
     """Gradient of a stride-1 correlation w.r.t. its [kh, kw, I, O] kernel, in the accumulation dtype.
 
     Tap (ky, kx) is x shifted by that tap's offset, contracted with dy over (N, H, W): one matmul
@@ -210,8 +233,7 @@ def _conv_shifted_vjp_bwd(padding, dilation, residuals, dy):
     # Input gradient: dy correlated with the flipped, in/out-swapped kernel, padded so that every
     # input pixel meets every tap that touched it. It is a forward convolution, which XLA:CPU
     # runs about as fast as XLA's own input gradient.
-    back_padding = tuple(((k - 1) * d - lo, (k - 1) * d - hi)
-                         for (lo, hi), k, d in zip(padding, kernel_size, dilation))
+    back_padding = tuple(((k - 1) * d - lo, (k - 1) * d - hi) for (lo, hi), k, d in zip(padding, kernel_size, dilation))
     dx = _conv_f32(dy, jnp.flip(kernel, (0, 1)).swapaxes(2, 3), back_padding, dilation)
     dkernel = _weight_grad(x, dy, kernel_size, padding, dilation).astype(kernel.dtype)
     return dx, dkernel
@@ -244,14 +266,18 @@ class _Winograd(NamedTuple):
     a_t: tuple[tuple[float, ...], ...]  # [m, m + r - 1]
 
 
-_F2X2_3X3 = _Winograd(b_t=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-                      g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
-                      a_t=((1, 1, 1, 0), (0, 1, -1, -1)))
+_F2X2_3X3 = _Winograd(
+    b_t=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
+    g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
+    a_t=((1, 1, 1, 0), (0, 1, -1, -1)),
+)
 # For the transposed convolution's 2x2 kernels, from the same points: 16 multiplications per 3x3
 # output tile instead of 36.
-_F3X3_2X2 = _Winograd(b_t=((-1, 0, 1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, -1, 0, 1)),
-                      g=((-1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1)),
-                      a_t=((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, 1)))
+_F3X3_2X2 = _Winograd(
+    b_t=((-1, 0, 1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, -1, 0, 1)),
+    g=((-1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1)),
+    a_t=((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, 1)),
+)
 # Below this many input or output channels the transforms' memory traffic outweighs the saved
 # multiplications on XLA:CPU (fwd + bwd, batch 1, against the direct forms: BaseNet's 3x3
 # layers 1.1-1.8x faster, the 4 -> 64 input layer 2.6x and a 512 -> 32 one 1.2x slower).
@@ -303,8 +329,8 @@ def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd, padding: Padding) 
     x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
     out_h, out_w = (x.shape[i] - len(algorithm.g[0]) + 1 for i in (1, 2))
     # Tile (p, q) starts at pixel (step * p, step * q).
-    rows = _combine(algorithm.b_t, [x[:, i:i + out_h:step] for i in range(size)], 0)  # [row, N, tiles, W, I]
-    tiles = _combine(algorithm.b_t, [rows[:, :, :, j:j + out_w:step] for j in range(size)], 0)
+    rows = _combine(algorithm.b_t, [x[:, i : i + out_h : step] for i in range(size)], 0)  # [row, N, tiles, W, I]
+    tiles = _combine(algorithm.b_t, [rows[:, :, :, j : j + out_w : step] for j in range(size)], 0)
     return tiles.reshape(size * size, -1, x.shape[-1])
 
 
@@ -331,8 +357,9 @@ def _overlap_add(parts: list[jax.Array], axis: int, step: int, length: int) -> j
     return lax.slice_in_dim(interleaved.reshape(shape), 0, length, axis=axis)
 
 
-def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd,
-                            padding: Padding) -> jax.Array:
+def _winograd_input_adjoint(
+    dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd, padding: Padding
+) -> jax.Array:
     """The adjoint of `_winograd_input_tiles`: [tile planes, tiles, I] -> [N, H, W, I].
 
     Written out (B d B^T per tile, then overlapping tiles summed and the padding cropped) because
@@ -349,7 +376,7 @@ def _winograd_input_adjoint(dtiles: jax.Array, x_shape: tuple[int, ...], algorit
     rows = _overlap_add([columns[j] for j in range(size)], 3, step, w)  # [row, N, H/m, W, I]
     pixels = _combine(b, [rows[i] for i in range(size)], 0)  # [row pixel, N, H/m, W, I]
     dx = _overlap_add([pixels[i] for i in range(size)], 1, step, h)
-    return dx[:, top:h - bottom, left:w - right]
+    return dx[:, top : h - bottom, left : w - right]
 
 
 def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
@@ -439,8 +466,11 @@ def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
     d = dilation
     rows, cols = _round_up(h, 2 * d), _round_up(w, 2 * d)
     x = jnp.pad(x, ((0, 0), (0, rows - h), (0, cols - w), (0, 0)))
-    phases = (x.reshape(n, rows // d, d, cols // d, d, cin).transpose(2, 4, 0, 1, 3, 5)
-              .reshape(d * d * n, rows // d, cols // d, cin))
+    phases = (
+        x.reshape(n, rows // d, d, cols // d, d, cin)
+        .transpose(2, 4, 0, 1, 3, 5)
+        .reshape(d * d * n, rows // d, cols // d, cin)
+    )
     y = _winograd_correlation(phases, kernel, _F2X2_3X3, ((1, 1), (1, 1)))
     y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
     return y[:, :h, :w]
@@ -459,16 +489,21 @@ def _phase_kernel(kernel: jax.Array) -> jax.Array:
     """[4, 4, I, O] -> [2, 2, I, 4 * O] (t, s, I, (a, b, O)), a permutation of the kernel."""
     cin, cout = kernel.shape[2:]
     # flip(kernel)[2t + a] = kernel[3 - a - 2t].
-    return (jnp.flip(kernel, (0, 1)).reshape(2, 2, 2, 2, cin, cout)  # [t, a, s, b, I, O]
-            .transpose(0, 2, 4, 1, 3, 5).reshape(2, 2, cin, 4 * cout))
+    return (
+        jnp.flip(kernel, (0, 1))
+        .reshape(2, 2, 2, 2, cin, cout)  # [t, a, s, b, I, O]
+        .transpose(0, 2, 4, 1, 3, 5)
+        .reshape(2, 2, cin, 4 * cout)
+    )
 
 
 def _interleave_phases(z: jax.Array) -> jax.Array:
     """[N, H+1, W+1, 4 * O] phase grid -> [N, 2H, 2W, O] output (a depth-to-space with offsets)."""
     n, h, w = z.shape[0], z.shape[1] - 1, z.shape[2] - 1
     z = z.reshape(n, h + 1, w + 1, 2, 2, -1)
-    phases = jnp.stack([jnp.stack([z[:, a:a + h, b:b + w, a, b] for b in range(2)], axis=3)
-                        for a in range(2)], axis=2)  # [N, H, a, W, b, O]
+    phases = jnp.stack(
+        [jnp.stack([z[:, a : a + h, b : b + w, a, b] for b in range(2)], axis=3) for a in range(2)], axis=2
+    )  # [N, H, a, W, b, O]
     return phases.reshape(n, 2 * h, 2 * w, -1)
 
 
@@ -511,4 +546,4 @@ def _conv_transpose_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     n, h, w, _ = x.shape
     rows, cols = _round_up(h + 1, 3), _round_up(w + 1, 3)
     grid = _winograd_correlation(x, _phase_kernel(kernel), _F3X3_2X2, ((1, rows - h), (1, cols - w)))
-    return _interleave_phases(grid[:, :h + 1, :w + 1])
+    return _interleave_phases(grid[:, : h + 1, : w + 1])

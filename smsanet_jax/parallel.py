@@ -7,13 +7,18 @@ import os
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
-def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None, timeout_seconds: int = 300) -> None:
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    timeout_seconds: int = 300,
+) -> None:
     """Starts JAX's multi-controller runtime when more than one process takes part.
 
     Explicit arguments win; otherwise a SLURM job with several tasks is detected and
@@ -27,12 +32,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     # CPU-only processes need a collectives backend to talk to each other; GPUs use NCCL regardless.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     if explicit:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id, initialization_timeout=timeout_seconds)
+        jax.distributed.initialize(
+            coordinator_address=coordinator_address,
+            num_processes=num_processes,
+            process_id=process_id,
+            initialization_timeout=timeout_seconds,
+        )
     else:
         jax.distributed.initialize(initialization_timeout=timeout_seconds)
-    logging.info("process %d of %d, %d local / %d global devices", jax.process_index(),
-                 jax.process_count(), jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d, %d local / %d global devices",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def make_mesh(num_devices: int = 0) -> Mesh:
@@ -44,8 +58,7 @@ def make_mesh(num_devices: int = 0) -> Mesh:
         if num_devices > len(devices):
             raise ValueError(f"num_devices={num_devices} but only {len(devices)} devices exist")
         devices = devices[:num_devices]
-    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=devices)
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -59,8 +72,9 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
     """This process's share of the global batch; it must split evenly over the devices."""
     if global_batch_size % mesh.size:
-        raise ValueError(f"global_batch_size={global_batch_size} must be a multiple of the "
-                         f"{mesh.size} devices in the mesh")
+        raise ValueError(
+            f"global_batch_size={global_batch_size} must be a multiple of the {mesh.size} devices in the mesh"
+        )
     return global_batch_size // jax.process_count()
 
 

@@ -24,8 +24,9 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
             img = np.asarray(img)
-            grid[i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = (
-                img if img.ndim == 3 else img[..., None])
+            grid[i * (h + pad) : i * (h + pad) + h, j * (w + pad) : j * (w + pad) + w] = (
+                img if img.ndim == 3 else img[..., None]
+            )
     return grid
 
 
@@ -85,8 +86,9 @@ def format_seconds(seconds: float) -> str:
 class Progress:
     """A progress line (step / total, images/s, ETA) printed at the caller's cadence on process 0."""
 
-    def __init__(self, total_steps: int, images_per_step: int, first_step: int = 0,
-                 enabled: bool = True, stream=sys.stderr):
+    def __init__(
+        self, total_steps: int, images_per_step: int, first_step: int = 0, enabled: bool = True, stream=sys.stderr
+    ):
         self.total_steps = total_steps
         self.images_per_step = images_per_step
         self.enabled = enabled
@@ -102,7 +104,10 @@ class Progress:
         if self.enabled:
             eta = (self.total_steps - step) * self.images_per_step / max(rate, 1e-9)
             fields = "".join(f" | {k} {v:.4g}" for k, v in (extra or {}).items())
-            print(f"step {step}/{self.total_steps}{fields} | {rate:.2f} img/s | ETA {format_seconds(eta)}",
-                  file=self.stream, flush=True)
+            print(
+                f"step {step}/{self.total_steps}{fields} | {rate:.2f} img/s | ETA {format_seconds(eta)}",
+                file=self.stream,
+                flush=True,
+            )
         logging.debug("step %d: %.2f img/s", step, rate)
         return rate

@@ -48,17 +48,29 @@ class LossSettings:
 
     @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> LossSettings:
-        return cls(alpha=float(config.loss.alpha), norm=config.loss.norm,
-                   threshold=float(config.loss.threshold), pfanet_variant=config.loss.pfanet_variant,
-                   pfanet_size=config.loss.pfanet_size, dtype=DTYPES[config.dtype],
-                   conv_impl=config.conv_impl)
+        return cls(
+            alpha=float(config.loss.alpha),
+            norm=config.loss.norm,
+            threshold=float(config.loss.threshold),
+            pfanet_variant=config.loss.pfanet_variant,
+            pfanet_size=config.loss.pfanet_size,
+            dtype=DTYPES[config.dtype],
+            conv_impl=config.conv_impl,
+        )
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
     """The colorizer a config describes (BaseNet is SMSANet with attention "none")."""
     m = config.model
-    return SMSANet(attention=m.attention, blocks=tuple(m.blocks), width=m.width, n_scales=m.n_scales,
-                   reduction=m.reduction, dtype=DTYPES[config.dtype], conv_impl=config.conv_impl)
+    return SMSANet(
+        attention=m.attention,
+        blocks=tuple(m.blocks),
+        width=m.width,
+        n_scales=m.n_scales,
+        reduction=m.reduction,
+        dtype=DTYPES[config.dtype],
+        conv_impl=config.conv_impl,
+    )
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -66,35 +78,32 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
 
 
-def _init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation,
-                image_size: int) -> TrainState:
+def _init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, image_size: int) -> TrainState:
     variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], tx=tx)
+    return TrainState.create(
+        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
+    )
 
 
-def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                         mesh: jax.sharding.Mesh) -> TrainState:
+def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh) -> TrainState:
     """Shapes, dtypes and (replicated) shardings of the train state, allocating nothing."""
-    init = functools.partial(_init_state, model=model, tx=make_optimizer(config),
-                             image_size=config.image_size)
+    init = functools.partial(_init_state, model=model, tx=make_optimizer(config), image_size=config.image_size)
     shapes = jax.eval_shape(init, jax.random.key(0))
-    return jax.tree.map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), shapes)
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), shapes)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module,
-                       mesh: jax.sharding.Mesh) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh) -> TrainState:
     """A fresh state, born replicated on the mesh; BaseNet weights from `config.init.basenet`."""
-    init = functools.partial(_init_state, model=model, tx=make_optimizer(config),
-                             image_size=config.image_size)
+    init = functools.partial(_init_state, model=model, tx=make_optimizer(config), image_size=config.image_size)
     state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
     if config.init.basenet:
         loaded, _ = checkpointing.load_variables(config.init.basenet, kind="siggraph17")
         params = _overlay(state.params, loaded["params"], config.init.basenet)
         batch_stats = _overlay(state.batch_stats, loaded["batch_stats"], config.init.basenet)
-        state = state.replace(params=jax.device_put(params, parallel.replicated(mesh)),
-                              batch_stats=jax.device_put(batch_stats, parallel.replicated(mesh)))
+        state = state.replace(
+            params=jax.device_put(params, parallel.replicated(mesh)),
+            batch_stats=jax.device_put(batch_stats, parallel.replicated(mesh)),
+        )
         logging.info("initialised the BaseNet part from %s", config.init.basenet)
     return state
 
@@ -109,8 +118,10 @@ def _overlay(base: Mapping, loaded: Mapping, source: str, prefix: str = "") -> d
         if isinstance(value, Mapping):
             out[key] = _overlay(base[key], value, source, where)
         elif tuple(np.shape(value)) != tuple(base[key].shape):
-            raise ValueError(f"{source}: {where} has shape {np.shape(value)}, the model wants "
-                             f"{tuple(base[key].shape)} (is model.width right?)")
+            raise ValueError(
+                f"{source}: {where} has shape {np.shape(value)}, the model wants "
+                f"{tuple(base[key].shape)} (is model.width right?)"
+            )
         else:
             out[key] = np.asarray(value, base[key].dtype)
     return out
@@ -129,27 +140,37 @@ def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> A
     elif config.init.pfanet:
         variables, _ = checkpointing.load_variables(config.init.pfanet, kind=f"pfanet-{variant}")
     else:
-        raise ValueError("loss.alpha > 0 needs PFANet weights: convert them with "
-                         "`smsanet-jax convert-weights pfanet-s SRC DST` and pass --config.init.pfanet=DST "
-                         "(or set --config.loss.alpha=0)")
+        raise ValueError(
+            "loss.alpha > 0 needs PFANet weights: convert them with "
+            "`smsanet-jax convert-weights pfanet-s SRC DST` and pass --config.init.pfanet=DST "
+            "(or set --config.loss.alpha=0)"
+        )
     return jax.device_put(variables, parallel.replicated(mesh))
 
 
-def train_step(state: TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *,
-               settings: LossSettings) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *, settings: LossSettings
+) -> tuple[TrainState, dict[str, jax.Array]]:
     """One Adam update on a global batch of uint8 RGB images; BN statistics span the global batch."""
     l, ab = colorspace.rgb_uint8_to_l_ab(batch["rgb"])
     saliency_fn = None
     if settings.alpha:
         saliency_fn = functools.partial(
-            pfanet_lib.saliency, pfanet_variables, variant=settings.pfanet_variant,
-            size=settings.pfanet_size, dtype=settings.dtype, conv_impl=settings.conv_impl)
+            pfanet_lib.saliency,
+            pfanet_variables,
+            variant=settings.pfanet_variant,
+            size=settings.pfanet_size,
+            dtype=settings.dtype,
+            conv_impl=settings.conv_impl,
+        )
 
     def loss_fn(params):
-        pred, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, l,
-                                       train=True, mutable=["batch_stats"])
-        loss, terms = losses.total(pred, ab, l, alpha=settings.alpha, saliency_fn=saliency_fn,
-                                   threshold=settings.threshold, norm=settings.norm)
+        pred, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, l, train=True, mutable=["batch_stats"]
+        )
+        loss, terms = losses.total(
+            pred, ab, l, alpha=settings.alpha, saliency_fn=saliency_fn, threshold=settings.threshold, norm=settings.norm
+        )
         return loss, (terms, updates["batch_stats"])
 
     (_, (terms, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -161,12 +182,17 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
     """`train_step` compiled once: batch sharded over `data`, state and PFANet replicated, state donated."""
     step = functools.partial(train_step, settings=LossSettings.from_config(config))
     replicated = parallel.replicated(mesh)
-    return jax.jit(step, in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-                   out_shardings=(replicated, replicated), donate_argnums=0)
+    return jax.jit(
+        step,
+        in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
 
 
-def load_trained(workdir: str, step: int | None = None
-                 ) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, Any], int]:
+def load_trained(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, Any], int]:
     """A trained model from a workdir: (config, model, {"params", "batch_stats"}, step).
 
     Raises:
@@ -224,7 +250,8 @@ def _check_finite(step: int, host_metrics: Mapping[str, float], checkpointer) ->
         checkpointer.wait()
         raise NonFiniteLossError(
             f"non-finite values at step {step}: {bad}; stopping. The last good checkpoint "
-            f"(step {checkpointer.latest_step()}) is untouched; lower the learning rate or use float32.")
+            f"(step {checkpointer.latest_step()}) is untouched; lower the learning rate or use float32."
+        )
 
 
 def _data_dir(config) -> str | None:
@@ -242,11 +269,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     step_fn = jit_train_step(config, mesh)
 
     loader = data.make_train_loader(
-        name=config.data.name, split=config.data.train_split, data_dir=_data_dir(config),
+        name=config.data.name,
+        split=config.data.train_split,
+        data_dir=_data_dir(config),
         image_size=config.image_size,
         local_batch_size=parallel.local_batch_size(config.global_batch_size, mesh),
-        seed=config.seed, num_workers=config.data.num_workers,
-        gray_threshold=config.data.gray_threshold)
+        seed=config.seed,
+        num_workers=config.data.num_workers,
+        gray_threshold=config.data.gray_threshold,
+    )
     batches = iter(loader)
     checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
     meta = {"model": checkpointing.jsonable(config.model.to_dict())}
@@ -265,13 +296,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)
     preemption = PreemptionWatcher(checkpointer)
     if lead and start < config.num_train_steps:
-        logging.info("compiling the train step (%d devices, global batch %d)", mesh.size,
-                     config.global_batch_size)
+        logging.info("compiling the train step (%d devices, global batch %d)", mesh.size, config.global_batch_size)
     try:
         for step in range(start + 1, config.num_train_steps + 1):
             batch = next(batches)
-            state, step_metrics = step_fn(state, parallel.make_global({"rgb": batch["rgb"]}, mesh),
-                                          pfanet_variables)
+            state, step_metrics = step_fn(state, parallel.make_global({"rgb": batch["rgb"]}, mesh), pfanet_variables)
             last = step == config.num_train_steps
             stopping = preemption.requested(step)
             saving = last or stopping or step % config.checkpoint_every_steps == 0
@@ -279,9 +308,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 _check_finite(step, host, checkpointer)
                 rate = progress.update(step, {"loss": host["total"]})
-                writer.scalars(step, {**{f"train/{k}": v for k, v in host.items()},
-                                      "train/learning_rate": config.optimizer.learning_rate,
-                                      "train/images_per_second": rate})
+                writer.scalars(
+                    step,
+                    {
+                        **{f"train/{k}": v for k, v in host.items()},
+                        "train/learning_rate": config.optimizer.learning_rate,
+                        "train/images_per_second": rate,
+                    },
+                )
                 if lead:
                     _append_ids(workdir, step, batch["id"])
             if last or step % config.eval_every_steps == 0:
@@ -309,18 +343,36 @@ def _report_eval(config, state, writer, workdir, step) -> None:
     # evaluate -> inference -> train: imported here, when first needed.
     from smsanet_jax import evaluate, inference  # pylint: disable=import-outside-toplevel
 
-    colorizer = inference.Colorizer(state.apply_fn, {"params": state.params, "batch_stats": state.batch_stats},
-                                    {"source": workdir, "step": step, "params_sha256": None,
-                                     "config": checkpointing.jsonable(config.to_dict())})
-    images = evaluate.DatasetImages(config.data.name, config.data.eval_split,
-                                    data_dir=_data_dir(config), image_size=config.image_size,
-                                    num_images=config.eval_num_examples, seed=config.seed)
+    colorizer = inference.Colorizer(
+        state.apply_fn,
+        {"params": state.params, "batch_stats": state.batch_stats},
+        {"source": workdir, "step": step, "params_sha256": None, "config": checkpointing.jsonable(config.to_dict())},
+    )
+    images = evaluate.DatasetImages(
+        config.data.name,
+        config.data.eval_split,
+        data_dir=_data_dir(config),
+        image_size=config.image_size,
+        num_images=config.eval_num_examples,
+        seed=config.seed,
+    )
     out_dir = os.path.join(workdir, "eval", f"step_{step:07d}")
-    summary = evaluate.evaluate(colorizer, images, out_dir, batch_size=config.eval_batch_size,
-                                num_devices=config.num_devices, overwrite=True, stream=io.StringIO())
+    summary = evaluate.evaluate(
+        colorizer,
+        images,
+        out_dir,
+        batch_size=config.eval_batch_size,
+        num_devices=config.num_devices,
+        overwrite=True,
+        stream=io.StringIO(),
+    )
     writer.scalars(step, {f"eval/{k}": summary[k]["mean"] for k in evaluate.METRICS})
-    logging.info("step %d eval on %d images: %s", step, summary["n"],
-                 ", ".join(f"{k} {summary[k]['mean']:.4f}" for k in evaluate.METRICS))
+    logging.info(
+        "step %d eval on %d images: %s",
+        step,
+        summary["n"],
+        ", ".join(f"{k} {summary[k]['mean']:.4f}" for k in evaluate.METRICS),
+    )
     if jax.process_index() == 0:
         grid = np.asarray(Image.open(os.path.join(out_dir, "grid.png")).convert("RGB"))
         writer.image(step, "eval/gray_prediction_truth", grid)

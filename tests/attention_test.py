@@ -22,7 +22,7 @@ def np_conv_same(x, kernel, bias=None):
     kh, kw = kernel.shape[:2]
     h, w = x.shape[1:3]
     padded = np.pad(x, ((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2), (0, 0)))
-    out = sum(padded[:, dy:dy + h, dx:dx + w, :] @ kernel[dy, dx] for dy in range(kh) for dx in range(kw))
+    out = sum(padded[:, dy : dy + h, dx : dx + w, :] @ kernel[dy, dx] for dy in range(kh) for dx in range(kw))
     return out if bias is None else out + bias
 
 
@@ -41,7 +41,7 @@ def np_smsa(p, x, n_scales):
     lambdas = sigmoid(p["scale_logits"])
     a_s = 0
     for k in range(1, n_scales):
-        s = 2 ** k
+        s = 2**k
         v = m.reshape(n, h // s, s, w // s, s, 2).mean((2, 4))
         conv = p[f"spatial_conv{k}"]
         a_k = sigmoid(np_conv_same(v, conv["kernel"], conv["bias"])).repeat(s, 1).repeat(s, 2)
@@ -122,7 +122,8 @@ def test_cbam_matches_numpy(x, train):
     variables = randomised(module, x)
     out, _, stats = apply(module, variables, x, train)
     want, batch_mean = np_cbam(
-            to_numpy(variables["params"]), to_numpy(variables["batch_stats"]), x.astype(np.float64), train)
+        to_numpy(variables["params"]), to_numpy(variables["batch_stats"]), x.astype(np.float64), train
+    )
     np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-5)
     if train:  # torch momentum 0.01: the running mean moves 1% of the way to the batch mean.
         old = np.asarray(variables["batch_stats"]["spatial_bn"]["mean"])

@@ -59,9 +59,11 @@ def run(variables, l, ab_hint, mask, width, train):
 def torch_colorize(model, l, ab_hint, mask):
     """(raw ab NHWC, BN prefix -> N*H*W of its input) for NHWC numpy inputs; hints may be None."""
     samples_seen = {}
-    hooks = [m.register_forward_hook(
-                     lambda mod, args, out, name=name: samples_seen.__setitem__(name, args[0][:, 0].numel()))
-             for name, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out, name=name: samples_seen.__setitem__(name, args[0][:, 0].numel()))
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.BatchNorm2d)
+    ]
     with torch.no_grad():
         ab = model(nchw(l), *(None if x is None else nchw(x) for x in (ab_hint, mask))).numpy()
     for hook in hooks:
@@ -102,11 +104,13 @@ def check_running_stats(ours, torch_after, samples_seen):
     tolerance, 1e-5, is well below the 1/(n-1) >= 1.2e-4 that an uncorrected variance would be off by.
     """
     for name, n in samples_seen.items():
-        np.testing.assert_allclose(ours[f"{name}.running_mean"], torch_after[f"{name}.running_mean"],
-                                   rtol=1e-5, atol=1e-6, err_msg=name)
+        np.testing.assert_allclose(
+            ours[f"{name}.running_mean"], torch_after[f"{name}.running_mean"], rtol=1e-5, atol=1e-6, err_msg=name
+        )
         want = torch_after[f"{name}.running_var"]
-        np.testing.assert_allclose(ours[f"{name}.running_var"] * n / (n - 1), want,
-                                   rtol=1e-5, atol=1e-5 * want.max(), err_msg=name)
+        np.testing.assert_allclose(
+            ours[f"{name}.running_var"] * n / (n - 1), want, rtol=1e-5, atol=1e-5 * want.max(), err_msg=name
+        )
 
 
 def random_variables(width, seed=0):
@@ -120,13 +124,17 @@ def test_converter_round_trip_is_exact_and_loads_into_torch():
     variables = random_variables(width=8)
     sd = convert.siggraph17_to_torch(variables)
     torch_sd = torch_siggraph17.SIGGRAPH17(8).state_dict()
-    torch_shapes = {k: tuple(v.shape) for k, v in torch_sd.items()
-                    if not k.startswith("model_class.") and not k.endswith("num_batches_tracked")}
+    torch_shapes = {
+        k: tuple(v.shape)
+        for k, v in torch_sd.items()
+        if not k.startswith("model_class.") and not k.endswith("num_batches_tracked")
+    }
     assert {k: v.shape for k, v in sd.items()} == torch_shapes
     chex.assert_trees_all_equal(convert.siggraph17_from_torch(sd, width=8), variables)
     # Without the class head the state dict loads non-strictly.
-    result = torch_siggraph17.SIGGRAPH17(8).load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()},
-                                                           strict=False)
+    result = torch_siggraph17.SIGGRAPH17(8).load_state_dict(
+        {k: torch.from_numpy(v) for k, v in sd.items()}, strict=False
+    )
     assert sorted(result.missing_keys) == ["model_class.0.bias", "model_class.0.weight"]
     assert not result.unexpected_keys
 

@@ -28,9 +28,11 @@ def photos(tmp_path_factory):
     """A 300x171 colour JPEG and a 1024x683 grayscale PNG."""
     root = tmp_path_factory.mktemp("photos")
     Image.fromarray(skimage.data.astronaut()).resize((300, 171), Image.Resampling.BICUBIC).save(
-        root / "colour.jpg", quality=90)
+        root / "colour.jpg", quality=90
+    )
     Image.fromarray(skimage.data.coffee()).convert("L").resize((1024, 683), Image.Resampling.BICUBIC).save(
-        root / "gray.png")
+        root / "gray.png"
+    )
     return root
 
 
@@ -64,7 +66,7 @@ def test_a_hint_changes_colours_near_it_more_than_far_away(colorizer, photos, tm
     hinted = colorize.colorize(colorizer, [str(photos / "colour.jpg")], str(tmp_path / "hinted"), hints=str(hints))
     assert not plain.failed and not hinted.failed
     change = np.linalg.norm(ab(tmp_path / "hinted" / "colour.png") - ab(tmp_path / "plain" / "colour.png"), axis=-1)
-    rows, cols = np.mgrid[:change.shape[0], :change.shape[1]]
+    rows, cols = np.mgrid[: change.shape[0], : change.shape[1]]
     distance = np.hypot(cols - x, rows - y)
     near, far = change[distance < 4].mean(), change[distance > 100].mean()
     assert near > 5.0 and near > 20 * far, (near, far)
@@ -72,7 +74,8 @@ def test_a_hint_changes_colours_near_it_more_than_far_away(colorizer, photos, tm
 
 def test_hint_planes_map_original_pixels_to_the_network_grid():
     ab_hint, mask = colorize.hint_planes(
-        [colorize.Hint(x=1023, y=0, a=10, b=-20, radius=0), colorize.Hint(x=512, y=341.5, a=5, b=5)], 1024, 683)
+        [colorize.Hint(x=1023, y=0, a=10, b=-20, radius=0), colorize.Hint(x=512, y=341.5, a=5, b=5)], 1024, 683
+    )
     assert ab_hint.shape == (256, 256, 2) and mask.shape == (256, 256, 1)
     assert mask[0, 255, 0] == 1 and tuple(ab_hint[0, 255]) == (10, -20)
     assert mask[127:130, 127:130].all() and mask.sum() == 1 + 9
@@ -80,13 +83,16 @@ def test_hint_planes_map_original_pixels_to_the_network_grid():
         colorize.hint_planes([colorize.Hint(x=1024, y=0, a=0, b=0)], 1024, 683)
 
 
-@pytest.mark.parametrize("content, match", [
-    ("not json", "hints file"),
-    ('[{"x": 1, "y": 2, "a": 3}]', r"needs x, y, a and b"),
-    ('{"a.jpg": [{"x": 1, "y": 2, "a": 3, "b": "red"}]}', "finite numbers"),
-    ('[{"x": 1, "y": 2, "a": 3, "b": 4, "size": 2}]', "unknown field"),
-    ('"a.jpg"', "expected a list"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ("not json", "hints file"),
+        ('[{"x": 1, "y": 2, "a": 3}]', r"needs x, y, a and b"),
+        ('{"a.jpg": [{"x": 1, "y": 2, "a": 3, "b": "red"}]}', "finite numbers"),
+        ('[{"x": 1, "y": 2, "a": 3, "b": 4, "size": 2}]', "unknown field"),
+        ('"a.jpg"', "expected a list"),
+    ],
+)
 def test_malformed_hints_are_clear_errors(tmp_path, content, match):
     path = tmp_path / "hints.json"
     path.write_text(content)
@@ -104,14 +110,24 @@ def test_bad_inputs_are_named_and_skipped_nothing_overwritten_no_partial_files(c
     (inputs / "kept.jpg").write_bytes(good.read_bytes())
     (inputs / "empty.jpg").write_bytes(b"")
     (inputs / "text.jpg").write_text("this is not a JPEG")
-    (inputs / "truncated.jpg").write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    (inputs / "truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
     out = tmp_path / "out"
     out.mkdir()
     (out / "kept.png").write_bytes(b"an earlier result")
     missing = str(tmp_path / "missing.jpg")
 
-    args = ["colorize", str(inputs), missing, str(tmp_path / "nothing_*.png"), "--workdir", workdir,
-            "--out", str(out), "--batch-size", "2"]
+    args = [
+        "colorize",
+        str(inputs),
+        missing,
+        str(tmp_path / "nothing_*.png"),
+        "--workdir",
+        workdir,
+        "--out",
+        str(out),
+        "--batch-size",
+        "2",
+    ]
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         cli.main(args)
@@ -147,7 +163,8 @@ def test_output_name_clashes_are_reported(colorizer, photos, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "colour.png").write_bytes((photos / "gray.png").read_bytes())
-    report = colorize.colorize(colorizer, [str(photos / "colour.jpg"), str(other / "colour.png")],
-                               str(tmp_path / "out"))
+    report = colorize.colorize(
+        colorizer, [str(photos / "colour.jpg"), str(other / "colour.png")], str(tmp_path / "out")
+    )
     assert [f[0] for f in report.failed] == [str(other / "colour.png")]
     assert "would also be written" in report.failed[0][1]

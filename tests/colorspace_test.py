@@ -31,8 +31,17 @@ def photo_pixels() -> np.ndarray:
     """Every colour photograph in the scikit-image wheel, as uint8 pixels [M, 3]."""
     left, right, _ = data.stereo_motorcycle()
     photos = [
-            data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(),
-            data.immunohistochemistry(), data.retina(), data.colorwheel(), left, right]
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.hubble_deep_field(),
+        data.immunohistochemistry(),
+        data.retina(),
+        data.colorwheel(),
+        left,
+        right,
+    ]
     return np.concatenate([p.reshape(-1, 3) for p in photos])
 
 
@@ -51,8 +60,9 @@ def test_rgb_to_lab_matches_skimage(photo_pixels, photo_lab, rng):
     to_lab = jax.jit(colorspace.rgb_to_lab)
     random_rgb = rng.random((NUM_RANDOM, 3), dtype=np.float32)
     cases = (
-            (photo_pixels.astype(np.float32) / 255, photo_lab),
-            (random_rgb, color.rgb2lab(random_rgb.astype(np.float64))))
+        (photo_pixels.astype(np.float32) / 255, photo_lab),
+        (random_rgb, color.rgb2lab(random_rgb.astype(np.float64))),
+    )
     for rgb, lab64 in cases:
         ours = np.asarray(to_lab(rgb))
         assert ours.dtype == np.float32
@@ -68,11 +78,13 @@ def test_rgb_uint8_to_lab_matches_skimage(photo_pixels, photo_lab):
 def test_lab_to_rgb_uint8_matches_skimage(photo_pixels, photo_lab, rng):
     # Random Lab covers the whole a/b box, so most of it is out of gamut (clipped RGB, negative z),
     # plus a band far outside the usual range.
-    random_lab = np.stack([
-            rng.uniform(0, 100, NUM_RANDOM), rng.uniform(-128, 127, NUM_RANDOM),
-            rng.uniform(-128, 127, NUM_RANDOM)], axis=-1)
-    extreme_lab = np.stack([
-            rng.uniform(-10, 110, 10**5), rng.uniform(-300, 300, 10**5), rng.uniform(-300, 300, 10**5)], axis=-1)
+    random_lab = np.stack(
+        [rng.uniform(0, 100, NUM_RANDOM), rng.uniform(-128, 127, NUM_RANDOM), rng.uniform(-128, 127, NUM_RANDOM)],
+        axis=-1,
+    )
+    extreme_lab = np.stack(
+        [rng.uniform(-10, 110, 10**5), rng.uniform(-300, 300, 10**5), rng.uniform(-300, 300, 10**5)], axis=-1
+    )
     to_rgb_uint8 = jax.jit(colorspace.lab_to_rgb_uint8)
     for lab in (photo_lab, random_lab, extreme_lab):
         ours = np.asarray(to_rgb_uint8(lab.astype(np.float32))).astype(np.int32)
@@ -86,8 +98,7 @@ def test_lab_to_rgb_uint8_matches_skimage(photo_pixels, photo_lab, rng):
 
 
 def test_lab_to_rgb_float_matches_skimage(rng):
-    lab = np.stack([
-            rng.uniform(0, 100, 10**5), rng.uniform(-128, 127, 10**5), rng.uniform(-128, 127, 10**5)], axis=-1)
+    lab = np.stack([rng.uniform(0, 100, 10**5), rng.uniform(-128, 127, 10**5), rng.uniform(-128, 127, 10**5)], axis=-1)
     ours = np.asarray(jax.jit(colorspace.lab_to_rgb)(lab.astype(np.float32)))
     assert ours.min() >= 0 and ours.max() <= 1
     np.testing.assert_allclose(ours, _lab2rgb(lab), atol=2e-5, rtol=0)
@@ -124,13 +135,23 @@ def _summed(fn):
 
 
 def test_gradients_are_finite_at_zero_and_gamut_edges():
-    rgb = jnp.array([
-            [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.04045] * 3, [0.0, 0.5, 1.0], [1e-30, 0.0, 1e-8],
-            [-0.1, 1.2, 0.0]])
-    lab = jnp.array([
-            [0.0, 0.0, 0.0], [100.0, 0.0, 0.0], [8.0, 0.0, 0.0], [50.0, 127.0, -128.0], [50.0, -128.0, 127.0],
-            [0.0, -128.0, 127.0], [100.0, 127.0, 127.0], [20.0, 0.0, 100.0], [50.0, 0.0, 500.0],
-            [-5.0, 300.0, -300.0]])
+    rgb = jnp.array(
+        [[0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0.04045] * 3, [0.0, 0.5, 1.0], [1e-30, 0.0, 1e-8], [-0.1, 1.2, 0.0]]
+    )
+    lab = jnp.array(
+        [
+            [0.0, 0.0, 0.0],
+            [100.0, 0.0, 0.0],
+            [8.0, 0.0, 0.0],
+            [50.0, 127.0, -128.0],
+            [50.0, -128.0, 127.0],
+            [0.0, -128.0, 127.0],
+            [100.0, 127.0, 127.0],
+            [20.0, 0.0, 100.0],
+            [50.0, 0.0, 500.0],
+            [-5.0, 300.0, -300.0],
+        ]
+    )
 
     def round_trip(x):
         return colorspace.lab_to_rgb(colorspace.rgb_to_lab(x))

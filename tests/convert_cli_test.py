@@ -55,8 +55,9 @@ def test_siggraph17_round_trip_and_every_reader(siggraph17_pth, tmp_path, capsys
     variables, meta = checkpointing.load_variables(dst, kind="siggraph17")
     assert meta["width"] == WIDTH and meta["source"] == "siggraph17.pth" and len(meta["source_sha256"]) == 64
     back = convert.siggraph17_to_torch(variables)
-    expected = {k: v for k, v in state_dict.items()
-                if not k.startswith("model_class") and not k.endswith("num_batches_tracked")}
+    expected = {
+        k: v for k, v in state_dict.items() if not k.startswith("model_class") and not k.endswith("num_batches_tracked")
+    }
     assert back.keys() == expected.keys()
     for k, v in expected.items():
         np.testing.assert_array_equal(back[k], v, err_msg=k)
@@ -100,8 +101,12 @@ def test_pfanet_round_trip_and_saliency_maps(pfanet_pth, tmp_path, capsys):
     out = tmp_path / "saliency"
     status, err = run_cli(["saliency", str(photos), "--params", dst, "--out", str(out), "--size", "32"], capsys)
     assert status == 0, err
-    assert sorted(os.listdir(out)) == ["coffee_mask.png", "coffee_saliency.png", "rocket_mask.png",
-                                       "rocket_saliency.png"]
+    assert sorted(os.listdir(out)) == [
+        "coffee_mask.png",
+        "coffee_saliency.png",
+        "rocket_mask.png",
+        "rocket_saliency.png",
+    ]
     prob = np.asarray(Image.open(out / "rocket_saliency.png"))
     mask = np.asarray(Image.open(out / "rocket_mask.png"))
     assert prob.shape == mask.shape == (90, 140) and prob.dtype == mask.dtype == np.uint8
@@ -152,8 +157,9 @@ def test_saliency_rejects_colorizer_weights(siggraph17_pth, tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def keras_layout_weights(tmp_path_factory):
-    variables = jax.device_get(jax.eval_shape(
-        pfanet.PFANet("k").init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32)))
+    variables = jax.device_get(
+        jax.eval_shape(pfanet.PFANet("k").init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
+    )
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), variables)
     path = str(tmp_path_factory.mktemp("pfanet_k") / "pfanet_k.msgpack")

@@ -9,8 +9,10 @@ from PIL import Image
 from smsanet_jax.data import decode, transforms
 
 # Eight distinct colours for band images: each band's centre must come out in its own colour.
-BANDS = np.array([[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0],
-                  [255, 0, 255], [0, 255, 255], [128, 64, 0], [0, 64, 128]], np.uint8)
+BANDS = np.array(
+    [[255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255, 0], [255, 0, 255], [0, 255, 255], [128, 64, 0], [0, 64, 128]],
+    np.uint8,
+)
 
 
 def _bands(width: int, height: int, vertical: bool) -> Image.Image:
@@ -18,8 +20,11 @@ def _bands(width: int, height: int, vertical: bool) -> Image.Image:
     n = width if vertical else height
     index = np.arange(n) * 8 // n
     strip = BANDS[index]
-    array = np.broadcast_to(strip[None], (height, width, 3)) if vertical else np.broadcast_to(
-        strip[:, None], (height, width, 3))
+    array = (
+        np.broadcast_to(strip[None], (height, width, 3))
+        if vertical
+        else np.broadcast_to(strip[:, None], (height, width, 3))
+    )
     return Image.fromarray(np.ascontiguousarray(array))
 
 
@@ -47,8 +52,10 @@ def test_center_crop_upscales_small_images():
     np.testing.assert_allclose(out[16, 4::8], BANDS[2:6], atol=1)
 
 
-@pytest.mark.parametrize("size,expected", [((100, 50), (64, 32)), ((50, 100), (32, 64)), ((32, 32), (32, 32)),
-                                           ((1, 1), (32, 32)), ((333, 500), (32, 48))])
+@pytest.mark.parametrize(
+    "size,expected",
+    [((100, 50), (64, 32)), ((50, 100), (32, 64)), ((32, 32), (32, 32)), ((1, 1), (32, 32)), ((333, 500), (32, 48))],
+)
 def test_resized_size_short_side(size, expected):
     assert transforms.resized_size(*size, 32) == expected
 
@@ -62,7 +69,7 @@ def test_box_resize_matches_resize_then_crop():
     full = full.astype(int)
     for left in (0, 7, 16):
         out = transforms.resize_and_crop(image, 48, left, 0).astype(int)
-        np.testing.assert_allclose(out, full[:, left:left + 48], atol=2)
+        np.testing.assert_allclose(out, full[:, left : left + 48], atol=2)
 
 
 def test_random_crop_is_deterministic_and_flips():
@@ -81,8 +88,9 @@ def test_ab_spread_separates_gray_from_colour():
     assert transforms.ab_spread(np.asarray(_bands(64, 64, vertical=True))) > 100
 
 
-@pytest.mark.parametrize("target,expected", [(None, (1024, 768)), (256, (512, 384)), (100, (256, 192)),
-                                             (600, (1024, 768))])
+@pytest.mark.parametrize(
+    "target,expected", [(None, (1024, 768)), (256, (512, 384)), (100, (256, 192)), (600, (1024, 768))]
+)
 def test_jpeg_reduced_size_decoding_never_below_target(target, expected):
     data = _jpeg(_bands(1024, 768, vertical=True))
     assert decode.decode_rgb(data, target_size=target).size == expected
@@ -111,4 +119,4 @@ def test_garbage_is_unreadable(data):
 def test_truncated_jpeg_is_unreadable_even_at_reduced_size():
     data = _jpeg(_bands(256, 256, vertical=True))
     with pytest.raises(decode.UnreadableImageError, match="truncated"):
-        decode.decode_rgb(data[:len(data) // 2], target_size=32)
+        decode.decode_rgb(data[: len(data) // 2], target_size=32)

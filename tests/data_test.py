@@ -30,8 +30,16 @@ def photos_dir(tmp_path_factory):
 
 
 def _train(data_dir, **kwargs):
-    args = dict(name="sample_photos", data_dir=data_dir, image_size=SIZE, local_batch_size=4, seed=0,
-                gray_threshold=0.0, process_index=0, process_count=1)
+    args = dict(
+        name="sample_photos",
+        data_dir=data_dir,
+        image_size=SIZE,
+        local_batch_size=4,
+        seed=0,
+        gray_threshold=0.0,
+        process_index=0,
+        process_count=1,
+    )
     return data.make_train_loader(**{**args, **kwargs})
 
 
@@ -53,8 +61,10 @@ def _assert_same_batches(a, b):
 
 def test_sample_photos_builds_with_expected_splits(tmp_path):
     info = data.prepare("sample_photos", data_dir=str(tmp_path))
-    assert dict(info.splits) == {"train": len(sample_photos.TRAIN_FILES),
-                                 "validation": len(sample_photos.VALIDATION_FILES)}
+    assert dict(info.splits) == {
+        "train": len(sample_photos.TRAIN_FILES),
+        "validation": len(sample_photos.VALIDATION_FILES),
+    }
     assert not info.reused and not info.skipped
     assert data.prepare("sample_photos", data_dir=str(tmp_path)).reused
     source = data.open_source("sample_photos", "validation", data_dir=str(tmp_path))
@@ -78,10 +88,12 @@ def test_tfds_name_not_prepared_is_a_clear_error(tmp_path):
 
 def test_reading_never_imports_tensorflow(photos_dir):
     # In a fresh process: other tests in this session may have imported TensorFlow already.
-    code = ("import sys; from smsanet_jax import data; "
-            f"it = iter(data.make_train_loader(name='sample_photos', data_dir={photos_dir!r}, "
-            "image_size=16, local_batch_size=2, seed=0, process_index=0, process_count=1)); next(it); "
-            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'")
+    code = (
+        "import sys; from smsanet_jax import data; "
+        f"it = iter(data.make_train_loader(name='sample_photos', data_dir={photos_dir!r}, "
+        "image_size=16, local_batch_size=2, seed=0, process_index=0, process_count=1)); next(it); "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
 
@@ -109,8 +121,10 @@ def test_train_global_batches_do_not_depend_on_the_process_count(photos_dir, cou
     """Process shards are disjoint parts of one global stream: stacked, they equal one process's."""
     global_batch = 4
     single = _take(_train(photos_dir, local_batch_size=global_batch), 5)
-    shards = [_take(_train(photos_dir, local_batch_size=global_batch // count, process_index=i,
-                           process_count=count), 5) for i in range(count)]
+    shards = [
+        _take(_train(photos_dir, local_batch_size=global_batch // count, process_index=i, process_count=count), 5)
+        for i in range(count)
+    ]
     for step, expected in enumerate(single):
         stacked = {k: np.concatenate([shard[step][k] for shard in shards]) for k in expected}
         _assert_same_batches([stacked], [expected])
@@ -136,8 +150,15 @@ def test_resume_with_orbax_yields_the_next_batches(photos_dir, tmp_path):
 
 
 def _eval(data_dir, **kwargs):
-    args = dict(name="sample_photos", split="train", data_dir=data_dir, image_size=SIZE,
-                local_batch_size=2, process_index=0, process_count=1)
+    args = dict(
+        name="sample_photos",
+        split="train",
+        data_dir=data_dir,
+        image_size=SIZE,
+        local_batch_size=2,
+        process_index=0,
+        process_count=1,
+    )
     return data.make_eval_loader(**{**args, **kwargs})
 
 
@@ -190,8 +211,7 @@ def _png48(rgb16: np.ndarray) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
-            + chunk(b"IEND", b""))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -211,35 +231,39 @@ def _write_problem_folder(folder) -> tuple[dict, set]:
     photo = np.stack([xx * 4, yy * 5, 255 - xx * 3], -1).astype(np.uint8)  # Smooth: JPEG-friendly.
     palette_rgb = BANDS_4[(xx // 16) % 4].astype(np.uint8)
     palette = Image.fromarray(palette_rgb).convert("P", palette=Image.Palette.ADAPTIVE, colors=4)
-    alpha = np.dstack([np.full((48, 64, 3), (200, 30, 30), np.uint8),
-                       np.where(xx < 32, 0, 255).astype(np.uint8)])
+    alpha = np.dstack([np.full((48, 64, 3), (200, 30, 30), np.uint8), np.where(xx < 32, 0, 255).astype(np.uint8)])
     gray16 = (yy * 5).astype(np.uint16) * 257
     rgb16 = photo.astype(np.uint16) * 257
     stored = np.zeros((32, 64, 3), np.uint8)
     stored[:, :32], stored[:, 32:] = (255, 0, 0), (0, 0, 255)
     exif = Image.Exif()
     exif[0x0112] = 6
-    rotated = np.concatenate([np.full((32, 32, 3), (255, 0, 0), np.uint8),
-                              np.full((32, 32, 3), (0, 0, 255), np.uint8)])
+    rotated = np.concatenate([np.full((32, 32, 3), (255, 0, 0), np.uint8), np.full((32, 32, 3), (0, 0, 255), np.uint8)])
     tiny = rng.integers(0, 256, (2, 3, 3), dtype=np.uint8)
     noise = _encode(Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)), "JPEG")
     files = {
         "cmyk.jpg": (_encode(Image.fromarray(photo).convert("CMYK"), "JPEG", quality=95), photo, 12),
         "gray.png": (_encode(Image.fromarray(photo[..., 1]), "PNG"), np.repeat(photo[..., 1:2], 3, 2), 0),
         "palette.png": (_encode(palette, "PNG"), palette_rgb, 0),
-        "alpha.png": (_encode(Image.fromarray(alpha, "RGBA"), "PNG"),
-                      np.where(xx[..., None] < 32, 255, alpha[..., :3]).astype(np.uint8), 0),
+        "alpha.png": (
+            _encode(Image.fromarray(alpha, "RGBA"), "PNG"),
+            np.where(xx[..., None] < 32, 255, alpha[..., :3]).astype(np.uint8),
+            0,
+        ),
         "gray16.png": (_encode(Image.fromarray(gray16), "PNG"), np.repeat((yy * 5)[..., None], 3, 2), 0),
         "rgb16.png": (_png48(rgb16), photo, 0),
         # No chroma subsampling: the red/blue edge stays sharp enough to check pixels.
-        "sub/rotated.jpg": (_encode(Image.fromarray(stored), "JPEG", quality=95, subsampling=0,
-                                    exif=exif.tobytes()), rotated, 12),
+        "sub/rotated.jpg": (
+            _encode(Image.fromarray(stored), "JPEG", quality=95, subsampling=0, exif=exif.tobytes()),
+            rotated,
+            12,
+        ),
         "tiny.png": (_encode(Image.fromarray(tiny), "PNG"), tiny, 0),
         "one_pixel.png": (_encode(Image.fromarray(tiny[:1, :1]), "PNG"), tiny[:1, :1], 0),
         "photo.webp": (_encode(Image.fromarray(photo), "WEBP", lossless=True), photo, 0),
         "photo.bmp": (_encode(Image.fromarray(photo), "BMP"), photo, 0),
         "sub/photo.tiff": (_encode(Image.fromarray(photo), "TIFF"), photo, 0),
-        "truncated.jpg": (noise[:len(noise) * 2 // 3], None, None),
+        "truncated.jpg": (noise[: len(noise) * 2 // 3], None, None),
         "empty.jpg": (b"", None, None),
         "not_an_image.png": (b"these are not the pixels you are looking for\n", None, None),
     }
@@ -271,9 +295,16 @@ def test_folder_with_every_bad_input_prepares_converts_and_skips(tmp_path):
         assert images[name].shape == rgb.shape, name
         np.testing.assert_allclose(images[name], rgb, atol=tolerance, err_msg=name)
     # The tiny and one-pixel images are upscaled; near-grayscale ones pass with threshold 0.
-    loader = data.make_train_loader(name=info.name, data_dir=str(tmp_path / "tfds"), image_size=SIZE,
-                                    local_batch_size=8, seed=0, gray_threshold=0.0,
-                                    process_index=0, process_count=1)
+    loader = data.make_train_loader(
+        name=info.name,
+        data_dir=str(tmp_path / "tfds"),
+        image_size=SIZE,
+        local_batch_size=8,
+        seed=0,
+        gray_threshold=0.0,
+        process_index=0,
+        process_count=1,
+    )
     iterator = iter(loader)
     ids = np.concatenate([next(iterator)["id"] for _ in range(3)])
     assert set(ids.tolist()) == set(range(info.splits["train"]))
@@ -339,15 +370,15 @@ def _unchecked_folder_dataset(folder, data_dir, files: dict):
     for name, content in files.items():
         (folder / name).write_bytes(content)
     listing = image_folder.list_folder(str(folder))
-    image_folder.SmsanetImageFolder(listing=listing, splits={"train": sorted(files)}, skipped=[],
-                                    data_dir=data_dir, file_format="array_record").download_and_prepare()
+    image_folder.SmsanetImageFolder(
+        listing=listing, splits={"train": sorted(files)}, skipped=[], data_dir=data_dir, file_format="array_record"
+    ).download_and_prepare()
     return "folder:" + str(folder)
 
 
 def test_unreadable_and_gray_examples_are_skipped_and_counted_at_read_time(tmp_path):
     yy, xx = np.mgrid[0:40, 0:40]
-    colour = _encode(Image.fromarray(np.stack([xx * 6, yy * 6, 255 - xx * 6], -1).astype(np.uint8)),
-                     "PNG")
+    colour = _encode(Image.fromarray(np.stack([xx * 6, yy * 6, 255 - xx * 6], -1).astype(np.uint8)), "PNG")
     gray = _encode(Image.fromarray((xx * 6).astype(np.uint8)), "PNG")
     files = {"a.png": colour, "b.png": colour, "gray.png": gray, "bad.jpg": b"\xff\xd8junk"}
     name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"), files)
@@ -363,8 +394,7 @@ def test_unreadable_and_gray_examples_are_skipped_and_counted_at_read_time(tmp_p
 
 def test_a_shard_of_only_unusable_examples_stops_with_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_SKIPS", 10)
-    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"),
-                                     {"bad.jpg": b"", "x.png": b"0"})
+    name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"), {"bad.jpg": b"", "x.png": b"0"})
     with pytest.raises(RuntimeError, match="10 training examples in a row were unusable"):
         _take(_train(str(tmp_path / "tfds"), name=name), 1)
 

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import skimage.data
 from PIL import Image
-from skimage import color, metrics as skmetrics
+from skimage import color
+from skimage import metrics as skmetrics
 
 from smsanet_jax import checkpointing, cli, evaluate, inference
 from smsanet_jax.data import decode, transforms
@@ -60,8 +61,8 @@ def skimage_scores(pred, truth):
         "psnr": skmetrics.peak_signal_noise_ratio(truth, pred, data_range=255),
         "ssim": skmetrics.structural_similarity(pred, truth, channel_axis=-1, data_range=255),
         "ssim_gaussian": skmetrics.structural_similarity(
-            pred, truth, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5,
-            use_sample_covariance=False),
+            pred, truth, channel_axis=-1, data_range=255, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        ),
         "colorfulness": colorfulness(pred),
     }
 
@@ -115,7 +116,7 @@ def test_folder_evaluation_writes_every_artefact(folder_report, folder):
     assert grid.shape == (3 * 258 - 2, 3 * 258 - 2, 3)
     # The middle column is the worst image's prediction, as saved.
     worst = read_rgb(os.path.join(out, "predictions", evaluate.image_file_name(ranked[-1]["name"])))
-    np.testing.assert_array_equal(grid[2 * 258:, 258:258 + 256], worst)
+    np.testing.assert_array_equal(grid[2 * 258 :, 258 : 258 + 256], worst)
     with pytest.raises(ValueError, match="--overwrite"):
         evaluate.evaluate(colorizer, evaluate.FolderImages(folder), out)
 
@@ -131,8 +132,9 @@ def test_per_image_numbers_equal_skimage_on_saved_images(folder_report, folder):
 
 def test_gray_baseline_scores_the_gray_prediction(folder, tmp_path):
     out = str(tmp_path / "gray")
-    summary = evaluate.evaluate(inference.load_colorizer(baseline="gray"), evaluate.FolderImages(folder), out,
-                                batch_size=4, save_images=True)
+    summary = evaluate.evaluate(
+        inference.load_colorizer(baseline="gray"), evaluate.FolderImages(folder), out, batch_size=4, save_images=True
+    )
     assert summary["model"]["source"] == "baseline:gray"
     rows = read_csv(os.path.join(out, "per_image.csv"))
     for row in rows:
@@ -145,7 +147,8 @@ def test_gray_baseline_scores_the_gray_prediction(folder, tmp_path):
         # float32 vs float64 Lab may round a rare pixel to the neighbouring level.
         assert np.mean(pred != gray) < 1e-3 and np.abs(pred.astype(int) - gray).max() <= 1
         assert float(row["psnr"]) == pytest.approx(
-            skmetrics.peak_signal_noise_ratio(truth, gray, data_range=255), abs=0.01)
+            skmetrics.peak_signal_noise_ratio(truth, gray, data_range=255), abs=0.01
+        )
         assert float(row["colorfulness"]) < 1.0
     check_against_skimage(out, rows)
 
@@ -158,30 +161,59 @@ def test_image_list_and_summary_stable_across_runs_and_device_counts(trained, fo
     assert list(images.ids) == list(evaluate.DatasetImages("sample_photos", "train", **subset).ids)
     one = evaluate.evaluate(colorizer, images, str(tmp_path / "one"), batch_size=4, num_devices=1)
     assert one["n"] == 5 and one["run"]["devices"] == 1
-    four = evaluate.evaluate(colorizer, evaluate.DatasetImages("sample_photos", "train", **subset),
-                             str(tmp_path / "four"), batch_size=4, num_devices=4)
+    four = evaluate.evaluate(
+        colorizer,
+        evaluate.DatasetImages("sample_photos", "train", **subset),
+        str(tmp_path / "four"),
+        batch_size=4,
+        num_devices=4,
+    )
     assert four["run"]["devices"] == 4
     # Everything but the run record is the same; the numbers up to float32 noise (convolutions over
     # 4 or 1 images per device may round a pixel of the prediction differently).
     fixed = lambda s: {k: v for k, v in s.items() if k != "run" and k not in evaluate.METRICS}
     assert json.dumps(fixed(one), sort_keys=True) == json.dumps(fixed(four), sort_keys=True)
     for k in evaluate.METRICS:
-        np.testing.assert_allclose([one[k]["mean"], one[k]["std"], *one[k]["ci95"]],
-                                   [four[k]["mean"], four[k]["std"], *four[k]["ci95"]], rtol=1e-5, err_msg=k)
-    assert one["data"] == {"dataset": "sample_photos/1.0.0", "split": "train", "num_records": 7,
-                           "num_images_requested": 5, "seed": 3, "image_size": 256}
+        np.testing.assert_allclose(
+            [one[k]["mean"], one[k]["std"], *one[k]["ci95"]],
+            [four[k]["mean"], four[k]["std"], *four[k]["ci95"]],
+            rtol=1e-5,
+            err_msg=k,
+        )
+    assert one["data"] == {
+        "dataset": "sample_photos/1.0.0",
+        "split": "train",
+        "num_records": 7,
+        "num_images_requested": 5,
+        "seed": 3,
+        "image_size": 256,
+    }
 
     # The command: the same folder list hash as the library call, on 4 devices.
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["evaluate", "--workdir", workdir, "--images", folder, "--out", str(tmp_path / "cli"),
-                  "--num-devices", "4", "--batch-size", "4"])
+        cli.main(
+            [
+                "evaluate",
+                "--workdir",
+                workdir,
+                "--images",
+                folder,
+                "--out",
+                str(tmp_path / "cli"),
+                "--num-devices",
+                "4",
+                "--batch-size",
+                "4",
+            ]
+        )
     assert exit_info.value.code == 0
     assert "psnr" in capsys.readouterr().out
     with open(tmp_path / "cli" / "summary.json", encoding="utf-8") as f:
         from_cli = json.load(f)
-    direct = evaluate.evaluate(colorizer, evaluate.FolderImages(folder), str(tmp_path / "direct"),
-                               batch_size=4, num_devices=1)
+    direct = evaluate.evaluate(
+        colorizer, evaluate.FolderImages(folder), str(tmp_path / "direct"), batch_size=4, num_devices=1
+    )
     assert from_cli["images_sha256"] == direct["images_sha256"]
     assert from_cli["psnr"]["mean"] == pytest.approx(direct["psnr"]["mean"], rel=1e-5)
 
@@ -209,19 +241,58 @@ def test_a_weights_file_with_its_config_scores_like_the_workdir(folder_report, f
 def test_two_processes_give_the_summary_of_one(trained, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed on loopback): 5 images split 2 + 3, padded."""
     workdir, data_dir = trained
-    subset = ["--dataset", "sample_photos", "--split", "train", "--data-dir", data_dir,
-              "--num-images", "5", "--seed", "3", "--batch-size", "4", "--save-images"]
-    single = evaluate.evaluate(inference.load_colorizer(workdir=workdir),
-                               evaluate.DatasetImages("sample_photos", "train", data_dir=data_dir,
-                                                      num_images=5, seed=3),
-                               str(tmp_path / "single"), batch_size=4, num_devices=4)
+    subset = [
+        "--dataset",
+        "sample_photos",
+        "--split",
+        "train",
+        "--data-dir",
+        data_dir,
+        "--num-images",
+        "5",
+        "--seed",
+        "3",
+        "--batch-size",
+        "4",
+        "--save-images",
+    ]
+    single = evaluate.evaluate(
+        inference.load_colorizer(workdir=workdir),
+        evaluate.DatasetImages("sample_photos", "train", data_dir=data_dir, num_images=5, seed=3),
+        str(tmp_path / "single"),
+        batch_size=4,
+        num_devices=4,
+    )
     out = tmp_path / "multi"
     address = f"127.0.0.1:{free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    procs = [subprocess.Popen([sys.executable, "-m", "smsanet_jax", "evaluate", "--workdir", workdir, *subset,
-                               "--out", str(out), "--coordinator", address, "--num-processes", "2",
-                               "--process-id", str(i)], env=env, cwd=tiny_checkpoint.ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "smsanet_jax",
+                "evaluate",
+                "--workdir",
+                workdir,
+                *subset,
+                "--out",
+                str(out),
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            cwd=tiny_checkpoint.ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     outputs = communicate_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outputs
     with open(out / "summary.json", encoding="utf-8") as f:

@@ -6,8 +6,10 @@ import sys
 
 from smsanet_jax import host_memory
 
-SHOW_TUNABLES = ("import os; from smsanet_jax import host_memory; host_memory.reexec_with_tuned_malloc(); "
-                 "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))")
+SHOW_TUNABLES = (
+    "import os; from smsanet_jax import host_memory; host_memory.reexec_with_tuned_malloc(); "
+    "print(os.getpid(), os.environ.get('GLIBC_TUNABLES'))"
+)
 
 
 def test_tunables_are_added_and_the_users_own_kept():
@@ -21,8 +23,14 @@ def test_tunables_are_added_and_the_users_own_kept():
 
 def run(env_changes):
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", host_memory.OPT_OUT_VARIABLE)}
-    completed = subprocess.run([sys.executable, "-c", SHOW_TUNABLES], env={**env, **env_changes},
-                               capture_output=True, text=True, timeout=60, check=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", SHOW_TUNABLES],
+        env={**env, **env_changes},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return completed.stdout.split(maxsplit=1)
 
 

@@ -5,14 +5,14 @@ import sys
 import textwrap
 
 MODULES = (
-        "smsanet_jax.colorspace",
-        "smsanet_jax.metrics",
-        "smsanet_jax.losses",
-        "smsanet_jax.models",
-        "smsanet_jax.models.basenet",
-        "smsanet_jax.models.attention",
-        "smsanet_jax.models.smsanet",
-        "smsanet_jax.models.pfanet",
+    "smsanet_jax.colorspace",
+    "smsanet_jax.metrics",
+    "smsanet_jax.losses",
+    "smsanet_jax.models",
+    "smsanet_jax.models.basenet",
+    "smsanet_jax.models.attention",
+    "smsanet_jax.models.smsanet",
+    "smsanet_jax.models.pfanet",
 )
 
 

@@ -50,7 +50,8 @@ def test_salient_hand_computed():
     diff = np.array([0.4, 0.2, -0.1, 0.2])
     np.testing.assert_allclose(losses.salient(pred_ab, true_ab, pred_mask, true_mask), np.abs(diff).mean(), rtol=1e-6)
     np.testing.assert_allclose(
-            losses.salient(pred_ab, true_ab, pred_mask, true_mask, norm="l2"), (diff**2).mean(), rtol=1e-6)
+        losses.salient(pred_ab, true_ab, pred_mask, true_mask, norm="l2"), (diff**2).mean(), rtol=1e-6
+    )
     with pytest.raises(ValueError, match="norm"):
         losses.salient(pred_ab, true_ab, pred_mask, true_mask, norm="l3")
 
@@ -67,9 +68,15 @@ def test_saliency_masks_render_rgb_and_threshold():
     (rgb255,) = seen
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # out-of-gamut random ab
-        expected_rgb = np.concatenate([
-                color.lab2rgb(np.concatenate([l, true_ab], -1).astype(np.float64)),
-                color.lab2rgb(np.concatenate([l, pred_ab], -1).astype(np.float64))]) * 255
+        expected_rgb = (
+            np.concatenate(
+                [
+                    color.lab2rgb(np.concatenate([l, true_ab], -1).astype(np.float64)),
+                    color.lab2rgb(np.concatenate([l, pred_ab], -1).astype(np.float64)),
+                ]
+            )
+            * 255
+        )
     np.testing.assert_allclose(rgb255, expected_rgb, atol=1e-3)
     expected_masks = (np.asarray(_brightness_saliency(rgb255)) >= 0.5).astype(np.float32)
     chex.assert_shape([true_mask, pred_mask], (2, 4, 4, 1))
@@ -101,8 +108,9 @@ def test_mask_path_contributes_no_gradient():
     total = functools.partial(losses.total, alpha=1.0, saliency_fn=_brightness_saliency)
     grad = jax.grad(lambda p: total(p, true_ab, l)[0])(pred_ab)
     true_mask, pred_mask = losses.saliency_masks(_brightness_saliency, l, true_ab, pred_ab, 0.5)
-    fixed_masks = jax.grad(
-            lambda p: losses.huber(p, true_ab) + losses.salient(p, true_ab, pred_mask, true_mask))(pred_ab)
+    fixed_masks = jax.grad(lambda p: losses.huber(p, true_ab) + losses.salient(p, true_ab, pred_mask, true_mask))(
+        pred_ab
+    )
     np.testing.assert_allclose(grad, fixed_masks, rtol=1e-6, atol=1e-12)
     assert np.any(np.asarray(pred_mask) == 1) and np.any(np.asarray(pred_mask) == 0)
 
@@ -128,12 +136,14 @@ def test_gradient_matches_finite_differences(norm):
 
 def test_total_combines_terms():
     l, true_ab, pred_ab = _batch(np.random.default_rng(6))
-    loss, terms = jax.jit(functools.partial(
-            losses.total, alpha=2.0, saliency_fn=_brightness_saliency, norm="l2"))(pred_ab, true_ab, l)
+    loss, terms = jax.jit(functools.partial(losses.total, alpha=2.0, saliency_fn=_brightness_saliency, norm="l2"))(
+        pred_ab, true_ab, l
+    )
     true_mask, pred_mask = losses.saliency_masks(_brightness_saliency, l, true_ab, pred_ab, 0.5)
     np.testing.assert_allclose(terms["huber"], losses.huber(pred_ab, true_ab), rtol=1e-6)
     np.testing.assert_allclose(
-            terms["salient"], losses.salient(pred_ab, true_ab, pred_mask, true_mask, "l2"), rtol=1e-6)
+        terms["salient"], losses.salient(pred_ab, true_ab, pred_mask, true_mask, "l2"), rtol=1e-6
+    )
     np.testing.assert_allclose(loss, terms["huber"] + 2.0 * terms["salient"], rtol=1e-6)
     assert loss == terms["total"]
 
@@ -154,6 +164,5 @@ def test_alpha_zero_never_runs_saliency():
 
 def test_bfloat16_predictions_are_scored_in_float32():
     l, true_ab, pred_ab = _batch(np.random.default_rng(8))
-    loss, terms = losses.total(pred_ab.astype(jnp.bfloat16), true_ab, l, alpha=1.0,
-                               saliency_fn=_brightness_saliency)
+    loss, terms = losses.total(pred_ab.astype(jnp.bfloat16), true_ab, l, alpha=1.0, saliency_fn=_brightness_saliency)
     assert loss.dtype == jnp.float32 and terms["salient"].dtype == jnp.float32

@@ -31,14 +31,22 @@ def pairs() -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
     left, _, _ = data.stereo_motorcycle()
     photos = [
-            data.astronaut(), data.chelsea(), data.coffee(), data.rocket(), data.hubble_deep_field(),
-            data.immunohistochemistry(), data.retina(), left]
+        data.astronaut(),
+        data.chelsea(),
+        data.coffee(),
+        data.rocket(),
+        data.hubble_deep_field(),
+        data.immunohistochemistry(),
+        data.retina(),
+        left,
+    ]
     # Top-left crops: retina's and hubble's include large flat black areas, the hard case for SSIM.
     true = np.stack([p[:SIZE, :SIZE] for p in photos])
     lab = color.rgb2lab(true)
     gray = _lab2rgb_ubyte(np.concatenate([lab[..., :1], np.zeros_like(lab[..., 1:])], axis=-1))
-    ab_noise = _lab2rgb_ubyte(lab + np.concatenate(
-            [np.zeros_like(lab[..., :1]), rng.normal(0.0, 6.0, lab[..., 1:].shape)], axis=-1))
+    ab_noise = _lab2rgb_ubyte(
+        lab + np.concatenate([np.zeros_like(lab[..., :1]), rng.normal(0.0, 6.0, lab[..., 1:].shape)], axis=-1)
+    )
     shifted = true.copy()
     shifted[..., 1:] = np.roll(true[..., 1:], 3, axis=2)  # chroma misregistered by 3 pixels.
     noise = np.clip(true + rng.normal(0.0, 8.0, true.shape).round(), 0, 255).astype(np.uint8)

@@ -18,8 +18,15 @@ def windows_to_planes_reference(x, matrix, window, stride, padding):
     """planes[b * s + a, (n, p, q)] = sum_ij M[a, i] M[b, j] xpad[n, stride p + i, stride q + j], in float64."""
     xpad = np.pad(np.asarray(x, np.float64), ((0, 0), *padding, (0, 0)))
     rows, cols = ((xpad.shape[k] - window) // stride + 1 for k in (1, 2))
-    windows = np.stack([np.stack([xpad[:, stride * p:stride * p + window, stride * q:stride * q + window]
-                                  for q in range(cols)], 1) for p in range(rows)], 1)  # [N, P, Q, i, j, C]
+    windows = np.stack(
+        [
+            np.stack(
+                [xpad[:, stride * p : stride * p + window, stride * q : stride * q + window] for q in range(cols)], 1
+            )
+            for p in range(rows)
+        ],
+        1,
+    )  # [N, P, Q, i, j, C]
     planes = np.einsum("ai,bj,npqijc->banpqc", matrix, matrix, windows)
     return planes.reshape(len(matrix) ** 2, -1, x.shape[-1])
 
@@ -35,8 +42,8 @@ def planes_to_pixels_reference(planes, matrix, window, stride, shape, padding):
     image = np.zeros((n, h + top + bottom, w + left + right, c))
     for p in range(rows):
         for q in range(cols):
-            image[:, stride * p:stride * p + window, stride * q:stride * q + window] += pixels[:, p, q]
-    return image[:, top:top + h, left:left + w]
+            image[:, stride * p : stride * p + window, stride * q : stride * q + window] += pixels[:, p, q]
+    return image[:, top : top + h, left : left + w]
 
 
 def random(shape, seed):
@@ -56,8 +63,12 @@ TRANSFORMS = {
 # (batch, height, width, channels, padding): odd sizes, channels that are no multiple of the
 # vector width or that the kernels split into slices (> 4096), padding on every side or none,
 # and images smaller than a window.
-GEOMETRIES = [(2, 9, 7, 5, ((1, 2), (1, 1))), (1, 8, 8, 16, ((0, 0), (0, 0))), (1, 2, 3, 3, ((1, 3), (2, 2))),
-              (1, 5, 4, 4100, ((1, 1), (0, 1)))]
+GEOMETRIES = [
+    (2, 9, 7, 5, ((1, 2), (1, 1))),
+    (1, 8, 8, 16, ((0, 0), (0, 0))),
+    (1, 2, 3, 3, ((1, 3), (2, 2))),
+    (1, 5, 4, 4100, ((1, 1), (0, 1))),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -74,8 +85,9 @@ def test_windows_to_planes_matches_numpy(name, n, h, w, c, padding):
     matrix, window, stride = TRANSFORMS[name]
     x = random((n, h, w, c), seed=0)
     got = native.windows_to_planes(x, matrix, window, stride, padding)
-    chex.assert_trees_all_close(np.asarray(got), windows_to_planes_reference(x, matrix, window, stride, padding),
-                                rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(
+        np.asarray(got), windows_to_planes_reference(x, matrix, window, stride, padding), rtol=1e-6, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
@@ -103,10 +115,12 @@ def test_a_sharded_batch_is_transformed_where_it_lies():
         assert "all-gather" not in compiled.as_text()
     # The single-device form of the same calls.
     expected_planes = native._windows_to_planes_call(
-            np.asarray(x), native._geometry(matrix, window, stride, x.shape, padding))
+        np.asarray(x), native._geometry(matrix, window, stride, x.shape, padding)
+    )
     chex.assert_trees_all_close(planes, expected_planes.reshape(planes.shape))
     expected_pixels = native._planes_to_pixels_call(
-            expected_planes, native._geometry(matrix.T, window, stride, x.shape, padding))
+        expected_planes, native._geometry(matrix.T, window, stride, x.shape, padding)
+    )
     chex.assert_trees_all_close(pixels_fn(planes), expected_pixels)
 
 
@@ -132,8 +146,16 @@ def test_inconsistent_shapes_are_an_error_not_a_crash():
     bad_result = jax.ShapeDtypeStruct((16, 1, 5, 3), jnp.float32)  # 3 x 3 windows would need 9 tiles.
     call = jax.ffi.ffi_call("smsanet_windows_to_planes", bad_result, vmap_method="sequential")
     with pytest.raises(Exception, match="shapes do not agree"):
-        call(x, matrix=np.eye(4, dtype=np.float32).ravel(), window=np.int64(4), stride=np.int64(2),
-             pad_top=np.int64(1), pad_left=np.int64(1), rows=np.int64(3), cols=np.int64(3)).block_until_ready()
+        call(
+            x,
+            matrix=np.eye(4, dtype=np.float32).ravel(),
+            window=np.int64(4),
+            stride=np.int64(2),
+            pad_top=np.int64(1),
+            pad_left=np.int64(1),
+            rows=np.int64(3),
+            cols=np.int64(3),
+        ).block_until_ready()
 
 
 @pytest.fixture

@@ -8,9 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from smsanet_jax import losses
-from smsanet_jax import ops
-from smsanet_jax import parallel
+from smsanet_jax import losses, ops, parallel
 from smsanet_jax.models import BaseNet
 
 TOLERANCE = 1e-5  # Max abs error over max abs reference value, per array (float32).
@@ -19,8 +17,9 @@ TOLERANCE = 1e-5  # Max abs error over max abs reference value, per array (float
 def relative_errors(actual, expected) -> dict[str, float]:
     """Per leaf: max abs error over the leaf's max abs reference value."""
     errors = {}
-    for path, a, e in zip(jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(actual),
-                          jax.tree.leaves(expected)):
+    for path, a, e in zip(
+        jax.tree_util.tree_flatten_with_path(expected)[0], jax.tree.leaves(actual), jax.tree.leaves(expected)
+    ):
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
         assert a.shape == e.shape, jax.tree_util.keystr(path[0])
         errors[jax.tree_util.keystr(path[0])] = np.abs(a - e).max() / np.abs(e).max()
@@ -91,8 +90,10 @@ def test_wide_3x3_convs_take_winograd(cin, cout, uses_winograd):
         assert ("conv_general_dilated" not in jaxpr) == uses_winograd
 
 
-@pytest.mark.parametrize("kernel_size,dilation", [((1, 1), (1, 1)), ((1, 9), (1, 1)), ((9, 1), (1, 1)),
-                                                  ((3, 3), (3, 3)), ((3, 3), (7, 7)), ((7, 7), (1, 1))])
+@pytest.mark.parametrize(
+    "kernel_size,dilation",
+    [((1, 1), (1, 1)), ((1, 9), (1, 1)), ((9, 1), (1, 1)), ((3, 3), (3, 3)), ((3, 3), (7, 7)), ((7, 7), (1, 1))],
+)
 def test_other_convs_match_lax(kernel_size, dilation):
     """PFANet's and the attention modules' kernels (1x1 is a matmul on "cpu", the others lax)."""
     x, kernel, dy = random_arrays((2, 16, 16, 16), (*kernel_size, 16, 8), (2, 16, 16, 8))
@@ -101,8 +102,14 @@ def test_other_convs_match_lax(kernel_size, dilation):
 
 
 # (batch, height, width, in, out): model8up, model9up and model10up on small inputs, odd sizes.
-CONV_T_CASES = ((1, 4, 4, 512, 256), (2, 8, 8, 256, 128), (2, 6, 6, 128, 128), (1, 5, 3, 64, 96), (2, 5, 7, 24, 40),
-                (1, 1, 1, 8, 8))
+CONV_T_CASES = (
+    (1, 4, 4, 512, 256),
+    (2, 8, 8, 256, 128),
+    (2, 6, 6, 128, 128),
+    (1, 5, 3, 64, 96),
+    (2, 5, 7, 24, 40),
+    (1, 1, 1, 8, 8),
+)
 
 
 @pytest.mark.parametrize("n,h,w,cin,cout", CONV_T_CASES)
@@ -116,9 +123,16 @@ def test_conv_transpose_matches_lax(n, h, w, cin, cout):
 
 def test_conv_transpose_matches_torch():
     x, weight = random_arrays((2, 5, 7, 6), (6, 3, 4, 4))  # torch weight [I, O, kh, kw].
-    expected = torch.nn.functional.conv_transpose2d(
-            torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()), torch.from_numpy(np.array(weight)),
-            stride=2, padding=1).numpy().transpose(0, 2, 3, 1)
+    expected = (
+        torch.nn.functional.conv_transpose2d(
+            torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()),
+            torch.from_numpy(np.array(weight)),
+            stride=2,
+            padding=1,
+        )
+        .numpy()
+        .transpose(0, 2, 3, 1)
+    )
     assert_close(ops.conv_transpose_4x4_s2(x, weight.transpose(2, 3, 0, 1), impl="cpu"), expected)
 
 

@@ -27,9 +27,11 @@ BN_STAT_SCALARS = 1_412  # Running means and variances, both variants.
 
 def _apply(variant: str):
     """Jitted apply returning (probability, intermediates); one compile per variant and shape."""
+
     def run(variables, x):
         prob, state = PFANet(variant).apply(variables, x, mutable=["intermediates"])
         return prob, state["intermediates"]
+
     return jax.jit(run)
 
 
@@ -125,9 +127,18 @@ def test_load_torch_truncated_checkpoint(torch_model, tmp_path):
 
 def test_load_torch_reads_the_ports_checkpoint_format(torch_model, tmp_path):
     path = tmp_path / "best-model.pth"
-    torch.save({"epoch": 204, "test_mae": np.mean(np.array([0.05, 0.06], np.float32)),
-                "model": torch_model.state_dict(), "test_loss": 0.137, "test_acc": torch.tensor(0.9),
-                "test_pre": torch.tensor(0.8), "test_rec": torch.tensor(0.7)}, path)
+    torch.save(
+        {
+            "epoch": 204,
+            "test_mae": np.mean(np.array([0.05, 0.06], np.float32)),
+            "model": torch_model.state_dict(),
+            "test_loss": 0.137,
+            "test_acc": torch.tensor(0.9),
+            "test_pre": torch.tensor(0.8),
+            "test_rec": torch.tensor(0.7),
+        },
+        path,
+    )
     assert convert.load_torch(str(path)).keys() == torch_model.state_dict().keys()
 
 
@@ -163,8 +174,10 @@ def _build_keras_pfanet(tf, keras, size: int):
 
     def cfe(x, name):
         branches = [layers.Conv2D(32, 1, padding="same", use_bias=False, name=name + "_cfe0")(x)]
-        branches += [layers.Conv2D(32, 3, padding="same", dilation_rate=r, use_bias=False,
-                                   name=f"{name}_cfe{i}_dilation")(x) for i, r in enumerate((3, 5, 7), start=1)]
+        branches += [
+            layers.Conv2D(32, 3, padding="same", dilation_rate=r, use_bias=False, name=f"{name}_cfe{i}_dilation")(x)
+            for i, r in enumerate((3, 5, 7), start=1)
+        ]
         return bn_relu(layers.Concatenate(name=name + "concatcfe")(branches), name)
 
     inputs = keras.Input((size, size, 3))
@@ -269,8 +282,11 @@ def test_keras2_layout_and_dense_names(keras_pfanet, tmp_path):
     # Keras 2 numbered its auto names from 1, and weightless layers carry an empty weight list.
     keras2 = tmp_path / "keras2.h5"
     _write_keras2_h5(keras2, weights, renames={dense[0]: "dense_1", dense[1]: "dense_2"})
-    jax.tree.map(np.testing.assert_array_equal,
-                 convert.pfanet_from_keras_h5(str(keras2)), convert.pfanet_from_keras_h5(str(path)))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        convert.pfanet_from_keras_h5(str(keras2)),
+        convert.pfanet_from_keras_h5(str(path)),
+    )
 
 
 def test_pfanet_from_keras_h5_names_every_problem(keras_pfanet, tmp_path):
@@ -287,9 +303,13 @@ def test_pfanet_from_keras_h5_names_every_problem(keras_pfanet, tmp_path):
     with pytest.raises(convert.ConversionError) as e:
         convert.pfanet_from_keras_h5(str(path))
     message = str(e.value)
-    for expected in ("missing layer C12_BN", "unexpected layer extra_conv", "unexpected layer dense_extra",
-                     "layer C345_conv (params/hl_conv)/kernel: shape (3, 3, 384, 64)",
-                     "Dense layer with kernel (96, 384)"):
+    for expected in (
+        "missing layer C12_BN",
+        "unexpected layer extra_conv",
+        "unexpected layer dense_extra",
+        "layer C345_conv (params/hl_conv)/kernel: shape (3, 3, 384, 64)",
+        "Dense layer with kernel (96, 384)",
+    ):
         assert expected in message, message
 
 
@@ -317,8 +337,9 @@ def test_saliency_k_is_per_image(keras_pfanet, images):
 # --- Shared pieces -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("in_hw, out_hw", [((16, 16), (64, 64)), ((5, 7), (13, 4)), ((64, 48), (16, 30)),
-                                           ((1, 3), (4, 1))])
+@pytest.mark.parametrize(
+    "in_hw, out_hw", [((16, 16), (64, 64)), ((5, 7), (13, 4)), ((64, 48), (16, 30)), ((1, 3), (4, 1))]
+)
 def test_resize_align_corners_matches_torch(in_hw, out_hw):
     x = np.random.default_rng(2).normal(size=(2, *in_hw, 3)).astype(np.float32)
     ours = pfanet.resize_bilinear_align_corners(jnp.asarray(x), out_hw)

@@ -33,14 +33,20 @@ def test_params_are_basenet_params_plus_attention(attention):
     assert set(full["params"]) - set(base["params"]) == {"attention_model5", "attention_model6", "attention_model7"}
     # Exporting an SMSANet gives the SIGGRAPH17 state dict of its backbone.
     zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), full)
-    assert convert.siggraph17_to_torch(zeros).keys() == convert.siggraph17_to_torch(
-            jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)).keys()
+    assert (
+        convert.siggraph17_to_torch(zeros).keys()
+        == convert.siggraph17_to_torch(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), base)).keys()
+    )
 
 
 def test_default_is_smsa_after_model5_to_7():
     model = SMSANet()
     assert (model.attention, model.blocks, model.n_scales, model.reduction) == (
-            "smsa", ("model5", "model6", "model7"), 4, 16)
+        "smsa",
+        ("model5", "model6", "model7"),
+        4,
+        16,
+    )
 
 
 @pytest.mark.parametrize("attention, total", [("smsa", 34_151_190), ("cbam", 34_151_310), ("se", 34_151_010)])
@@ -57,10 +63,13 @@ def test_blocks_move_the_attention():
     assert {k for k in variables["params"] if k.startswith("attention")} == {"attention_model1", "attention_model10"}
 
 
-@pytest.mark.parametrize("kwargs, message", [
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
         ({"attention": "bam"}, "attention must be one of"),
         ({"blocks": ("model5", "model11")}, r"unknown attention block\(s\) \['model11'\]"),
-])
+    ],
+)
 def test_bad_configuration_is_rejected(kwargs, message):
     with pytest.raises(ValueError, match=message):
         jax.eval_shape(SMSANet(width=8, **kwargs).init, KEY, L_64)

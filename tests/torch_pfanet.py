@@ -7,8 +7,8 @@ hl_conv1, ll_conv_1, spa_att.grp1_conv1k, ff_conv_1, ...). NCHW; forward returns
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 # torchvision's vgg16().features: "M" is a 2x2 max pool; every number is a 3x3 conv + ReLU.
 _VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

@@ -58,8 +58,9 @@ class SIGGRAPH17(nn.Module):
         self.model_class = nn.Sequential(nn.Conv2d(4 * w, classes, 1))
         self.model_out = nn.Sequential(nn.Conv2d(2 * w, 2, 1), nn.Tanh())
 
-    def forward(self, l: torch.Tensor, ab_hint: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, l: torch.Tensor, ab_hint: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """L [N,1,H,W] in [0,100] (H, W divisible by 8) -> raw ab [N,2,H,W]."""
         if ab_hint is None:
             ab_hint = torch.zeros_like(l).repeat(1, 2, 1, 1)

@@ -39,8 +39,15 @@ def read_jsonl(path):
 
 def cli(args, env_extra=None, **kwargs):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "smsanet_jax", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    return subprocess.Popen(
+        [sys.executable, "-m", "smsanet_jax", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
 
 
 def final_params(workdir):
@@ -55,8 +62,7 @@ def test_train_writes_artefacts_and_continues(data_dir, tmp_path):
     assert sorted(os.listdir(os.path.join(workdir, "eval"))) == ["step_0000002", "step_0000004"]
     for name in ("summary.json", "per_image.csv", "images.txt", "grid.png"):
         assert os.path.isfile(os.path.join(workdir, "eval", "step_0000004", name))
-    records = [r for r in read_jsonl(os.path.join(workdir, "tensorboard", "metrics.jsonl"))
-               if "train/total" in r]
+    records = [r for r in read_jsonl(os.path.join(workdir, "tensorboard", "metrics.jsonl")) if "train/total" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "tensorboard")))
     # A finished run asked for more steps continues from its last checkpoint.
@@ -80,8 +86,7 @@ def test_model_shape_change_is_a_clear_error(data_dir, tmp_path):
     workdir = str(tmp_path / "run")
     train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=2"), workdir)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.width"):
-        train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=3",
-                                            "--config.model.width=16"), workdir)
+        train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=3", "--config.model.width=16"), workdir)
     assert train.load_trained(workdir)[0].model.width == 8  # The workdir's config is kept.
 
 
@@ -107,8 +112,10 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path
 def test_exact_resume_in_a_new_process(data_dir, tmp_path):
     straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
     overrides = [f"--config.data.data_dir={data_dir}", "--config.num_train_steps=6"]
-    for workdir, runs in ((straight, [overrides]),
-                          (split, [overrides[:1] + ["--config.num_train_steps=3"], overrides])):
+    for workdir, runs in (
+        (straight, [overrides]),
+        (split, [overrides[:1] + ["--config.num_train_steps=3"], overrides]),
+    ):
         for run in runs:
             proc = cli(["train", "--config", TINY, "--workdir", workdir, *run])
             out, _ = proc.communicate(timeout=600)
@@ -123,8 +130,11 @@ def test_exact_resume_in_a_new_process(data_dir, tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_exits_zero_and_resumes_exactly(data_dir, tmp_path):
     straight, stopped = str(tmp_path / "straight"), str(tmp_path / "stopped")
-    overrides = [f"--config.data.data_dir={data_dir}", "--config.num_train_steps=12",
-                 "--config.checkpoint_every_steps=100"]
+    overrides = [
+        f"--config.data.data_dir={data_dir}",
+        "--config.num_train_steps=12",
+        "--config.checkpoint_every_steps=100",
+    ]
     proc = cli(["train", "--config", TINY, "--workdir", straight, *overrides])
     assert proc.wait(timeout=600) == 0, proc.stdout.read()
     proc = cli(["train", "--config", TINY, "--workdir", stopped, *overrides])
@@ -149,20 +159,43 @@ def test_two_processes_match_one_process(data_dir, tmp_path):
     """2 processes x 2 CPU devices (jax.distributed over loopback, gloo) against 1 process x 4."""
     # The paper's learning rate: see train_test.test_one_device_equals_eight_devices for why.
     lr = 1e-5
-    overrides = [f"--config.data.data_dir={data_dir}", "--config.num_train_steps=3",
-                 f"--config.optimizer.learning_rate={lr}"]
+    overrides = [
+        f"--config.data.data_dir={data_dir}",
+        "--config.num_train_steps=3",
+        f"--config.optimizer.learning_rate={lr}",
+    ]
     single = str(tmp_path / "single")
-    proc = cli(["train", "--config", TINY, "--workdir", single, *overrides],
-               env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    proc = cli(
+        ["train", "--config", TINY, "--workdir", single, *overrides],
+        env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+    )
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     multi = str(tmp_path / "multi")
     address = f"127.0.0.1:{free_port()}"
-    procs = [cli(["train", "--config", TINY, "--workdir", multi, "--coordinator", address,
-                  "--num-processes", "2", "--process-id", str(i), *overrides]) for i in range(2)]
+    procs = [
+        cli(
+            [
+                "train",
+                "--config",
+                TINY,
+                "--workdir",
+                multi,
+                "--coordinator",
+                address,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                *overrides,
+            ]
+        )
+        for i in range(2)
+    ]
     outs = communicate_all(procs)
     assert [p.returncode for p in procs] == [0, 0], outs
-    losses_of = lambda w: [r["train/total"] for r in
-                           read_jsonl(os.path.join(w, "tensorboard", "metrics.jsonl")) if "train/total" in r]
+    losses_of = lambda w: [
+        r["train/total"] for r in read_jsonl(os.path.join(w, "tensorboard", "metrics.jsonl")) if "train/total" in r
+    ]
     np.testing.assert_allclose(losses_of(multi), losses_of(single), rtol=1e-5)
     chex.assert_trees_all_close(final_params(multi)[0], final_params(single)[0], rtol=1e-5, atol=3 * 2 * lr)

@@ -35,8 +35,7 @@ def image_features() -> tfds.features.FeaturesDict:
     `image` holds the original file's bytes unchanged (any format `decode.decode_rgb` reads; the
     loaders read it with `tfds.decode.SkipDecoding`), `file_name` its path relative to the source.
     """
-    return tfds.features.FeaturesDict(
-        {"image": tfds.features.Image(), "file_name": tfds.features.Text()})
+    return tfds.features.FeaturesDict({"image": tfds.features.Image(), "file_name": tfds.features.Text()})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,8 +96,9 @@ def assign_splits(relpaths: list[str]) -> dict[str, list[str]]:
                 splits.setdefault(by_folder[path], []).append(path)
         ignored = len(relpaths) - sum(len(v) for v in splits.values())
         if ignored:
-            logging.warning("%d images outside the split folders (%s) are not used", ignored,
-                            ", ".join(sorted(SPLIT_FOLDERS)))
+            logging.warning(
+                "%d images outside the split folders (%s) are not used", ignored, ", ".join(sorted(SPLIT_FOLDERS))
+            )
         return splits
     splits = {}
     for path in relpaths:
@@ -126,18 +126,24 @@ def check_images(listing: FolderListing) -> tuple[list[str], list[tuple[str, str
     relpaths = [f[0] for f in listing.files]
     paths = [os.path.join(listing.root, p) for p in relpaths]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        reasons = list(tqdm.tqdm(pool.map(_check_image, paths), total=len(paths),
-                                 desc="checking images", unit=" images"))
+        reasons = list(
+            tqdm.tqdm(pool.map(_check_image, paths), total=len(paths), desc="checking images", unit=" images")
+        )
     readable = [p for p, r in zip(relpaths, reasons) if r is None]
     skipped = [(p, r) for p, r in zip(relpaths, reasons) if r is not None]
     if skipped:
-        logging.warning("skipping %d of %d files that are not readable images: %s%s", len(skipped),
-                        len(relpaths), "; ".join(f"{p} ({r})" for p, r in skipped[:_MAX_LOGGED_SKIPS]),
-                        " ..." if len(skipped) > _MAX_LOGGED_SKIPS else "")
+        logging.warning(
+            "skipping %d of %d files that are not readable images: %s%s",
+            len(skipped),
+            len(relpaths),
+            "; ".join(f"{p} ({r})" for p, r in skipped[:_MAX_LOGGED_SKIPS]),
+            " ..." if len(skipped) > _MAX_LOGGED_SKIPS else "",
+        )
     if not readable:
         raise ValueError(
             f"{listing.root}: none of its {len(relpaths)} image files could be decoded, e.g. "
-            + "; ".join(f"{p}: {r}" for p, r in skipped[:3]))
+            + "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+        )
     return readable, skipped
 
 
@@ -148,21 +154,21 @@ class SmsanetImageFolder(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version(_VERSION)
     RELEASE_NOTES = {_VERSION: "Original file bytes and relative paths."}
 
-    def __init__(self, *, listing: FolderListing, splits: dict[str, list[str]],
-                 skipped: list[tuple[str, str]], **kwargs):
+    def __init__(
+        self, *, listing: FolderListing, splits: dict[str, list[str]], skipped: list[tuple[str, str]], **kwargs
+    ):
         self._listing = listing
         self._splits = splits
         self._skipped = skipped
-        super().__init__(config=tfds.core.BuilderConfig(name=listing.key, description=listing.root),
-                         **kwargs)
+        super().__init__(config=tfds.core.BuilderConfig(name=listing.key, description=listing.root), **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
             description=f"Images under {self._listing.root}.",
             features=image_features(),
-            metadata=tfds.core.MetadataDict(source=self._listing.root,
-                                            skipped=[list(s) for s in self._skipped]))
+            metadata=tfds.core.MetadataDict(source=self._listing.root, skipped=[list(s) for s in self._skipped]),
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # Nothing to download.
@@ -181,6 +187,7 @@ def build(listing: FolderListing, data_dir: str) -> None:
       ValueError: no readable image.
     """
     readable, skipped = check_images(listing)
-    builder = SmsanetImageFolder(listing=listing, splits=assign_splits(readable), skipped=skipped,
-                                 data_dir=data_dir, file_format="array_record")
+    builder = SmsanetImageFolder(
+        listing=listing, splits=assign_splits(readable), skipped=skipped, data_dir=data_dir, file_format="array_record"
+    )
     builder.download_and_prepare()

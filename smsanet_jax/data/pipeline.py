@@ -35,8 +35,9 @@ class _SkipLog:
         if self._named < _MAX_NAMED_SKIPS:
             self._named += 1
             last = self._named == _MAX_NAMED_SKIPS
-            logging.warning("skipping %s: %s%s", name, reason,
-                            " (further skips are counted, not named)" if last else "")
+            logging.warning(
+                "skipping %s: %s%s", name, reason, " (further skips are counted, not named)" if last else ""
+            )
 
 
 class _TrainExample(grain.transforms.Map):
@@ -61,8 +62,11 @@ class _TrainExample(grain.transforms.Map):
         if self._gray_threshold > 0:
             spread = transforms.ab_spread(rgb)
             if spread < self._gray_threshold:
-                return {"skip": _GRAY, "reason": f"near-grayscale crop (ab spread {spread:.2f})",
-                        "name": record["name"]}
+                return {
+                    "skip": _GRAY,
+                    "reason": f"near-grayscale crop (ab spread {spread:.2f})",
+                    "name": record["name"],
+                }
         return {"rgb": rgb, "id": record["id"]}
 
 
@@ -79,8 +83,9 @@ class _GlobalStream:
     # Positions are never exhausted in practice; grain only needs a finite length.
     _LENGTH = 2**62
 
-    def __init__(self, source: sources.ImageSource, seed: int, local_batch_size: int,
-                 process_index: int, process_count: int):
+    def __init__(
+        self, source: sources.ImageSource, seed: int, local_batch_size: int, process_index: int, process_count: int
+    ):
         self._source = source
         self._seed = seed
         self._chunk = local_batch_size
@@ -104,8 +109,10 @@ class _GlobalStream:
         return {**self._source[int(self._permutation(epoch)[i])], "position": position}
 
     def __repr__(self) -> str:
-        return (f"GlobalStream({self._source!r}, process {self._process_index} of "
-                f"{self._process_count}, chunks of {self._chunk})")
+        return (
+            f"GlobalStream({self._source!r}, process {self._process_index} of "
+            f"{self._process_count}, chunks of {self._chunk})"
+        )
 
 
 class _DropSkipped(grain.transforms.Filter):
@@ -134,7 +141,8 @@ class _DropSkipped(grain.transforms.Filter):
         if self._in_a_row >= MAX_CONSECUTIVE_SKIPS:
             raise RuntimeError(
                 f"{self._in_a_row} training examples in a row were unusable (last: {example['name']}, "
-                f"{example['reason']}): the data is broken, or gray_threshold is too high")
+                f"{example['reason']}): the data is broken, or gray_threshold is too high"
+            )
         return False
 
 
@@ -156,9 +164,13 @@ class _EvalExample(grain.transforms.Map):
             except decode.UnreadableImageError as e:
                 unreadable = 1
                 self._log(record["name"], f"unreadable ({e}); masked out of the evaluation")
-        return {"rgb": np.zeros((self._size, self._size, 3), np.uint8) if rgb is None else rgb,
-                "id": record["id"], "mask": rgb is not None,
-                _UNREADABLE: np.int32(unreadable), _GRAY: np.int32(0)}
+        return {
+            "rgb": np.zeros((self._size, self._size, 3), np.uint8) if rgb is None else rgb,
+            "id": record["id"],
+            "mask": rgb is not None,
+            _UNREADABLE: np.int32(unreadable),
+            _GRAY: np.int32(0),
+        }
 
 
 class _PaddedSubset:
@@ -203,8 +215,11 @@ class LoaderIterator:
         total = sum(self.skipped.values())
         if total >= self._next_report:
             # Reported at 1, 2, 4, 8, ... skips: visible, never flooding the log.
-            logging.info("%s: %s so far", self._description,
-                         ", ".join(f"{v} {k}" for k, v in self.skipped.items()) + " examples skipped")
+            logging.info(
+                "%s: %s so far",
+                self._description,
+                ", ".join(f"{v} {k}" for k, v in self.skipped.items()) + " examples skipped",
+            )
             while self._next_report <= total:
                 self._next_report *= 2
         return batch
@@ -230,8 +245,14 @@ class Loader:
         processes), sorted.
     """
 
-    def __init__(self, data_loader: grain.DataLoader, source: sources.ImageSource, description: str,
-                 num_batches: int | None = None, example_ids: np.ndarray | None = None):
+    def __init__(
+        self,
+        data_loader: grain.DataLoader,
+        source: sources.ImageSource,
+        description: str,
+        num_batches: int | None = None,
+        example_ids: np.ndarray | None = None,
+    ):
         self._data_loader = data_loader
         self._description = description
         self.source = source
@@ -253,16 +274,22 @@ def _allow_worker_processes() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
-def _data_loader(source, sampler, shard_options, num_workers: int, local_batch_size: int,
-                 operations: list) -> grain.DataLoader:
+def _data_loader(
+    source, sampler, shard_options, num_workers: int, local_batch_size: int, operations: list
+) -> grain.DataLoader:
     if num_workers:
         _allow_worker_processes()
     # grain's default read-ahead (16 threads, 500 records per process) is sized for big hosts;
     # records here are cheap reads, and decoding, not reading, is the cost.
     read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=max(16, 2 * local_batch_size))
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=num_workers, shard_options=shard_options,
-                            read_options=read_options)
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=operations,
+        worker_count=num_workers,
+        shard_options=shard_options,
+        read_options=read_options,
+    )
 
 
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
@@ -273,10 +300,19 @@ def _process(process_index: int | None, process_count: int | None) -> tuple[int,
     return process_index, process_count
 
 
-def make_train_loader(*, name: str, split: str = "train", data_dir: str | None = None, image_size: int,
-                      local_batch_size: int, seed: int, num_workers: int = 0,
-                      gray_threshold: float = DEFAULT_GRAY_THRESHOLD, process_index: int | None = None,
-                      process_count: int | None = None) -> Loader:
+def make_train_loader(
+    *,
+    name: str,
+    split: str = "train",
+    data_dir: str | None = None,
+    image_size: int,
+    local_batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    gray_threshold: float = DEFAULT_GRAY_THRESHOLD,
+    process_index: int | None = None,
+    process_count: int | None = None,
+) -> Loader:
     """Infinite training batches: this process's part of one global stream, reshuffled every epoch.
 
     The split is shuffled from `seed` and the epoch; the stream is dealt out to the processes in
@@ -312,9 +348,18 @@ def make_train_loader(*, name: str, split: str = "train", data_dir: str | None =
     source = sources.open_source(name, split, data_dir=data_dir)
     stream = _GlobalStream(source, seed, local_batch_size, process_index, process_count)
     sampler = grain.samplers.IndexSampler(len(stream), shuffle=False, num_epochs=1)
-    loader = _data_loader(stream, sampler, grain.sharding.NoSharding(), num_workers, local_batch_size,
-                          [_TrainExample(image_size, gray_threshold, seed), _DropSkipped(),
-                           grain.transforms.Batch(local_batch_size, drop_remainder=True)])
+    loader = _data_loader(
+        stream,
+        sampler,
+        grain.sharding.NoSharding(),
+        num_workers,
+        local_batch_size,
+        [
+            _TrainExample(image_size, gray_threshold, seed),
+            _DropSkipped(),
+            grain.transforms.Batch(local_batch_size, drop_remainder=True),
+        ],
+    )
     return Loader(loader, source, f"{name}:{split} training loader")
 
 
@@ -329,10 +374,19 @@ def select_examples(num_records: int, num_examples: int | None, seed: int) -> np
     return np.sort(rng.choice(num_records, size=num_examples, replace=False)).astype(np.int64)
 
 
-def make_eval_loader(*, name: str, split: str, data_dir: str | None = None, image_size: int,
-                     local_batch_size: int, process_index: int | None = None,
-                     process_count: int | None = None, num_examples: int | None = None, seed: int = 0,
-                     num_workers: int = 0) -> Loader:
+def make_eval_loader(
+    *,
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    image_size: int,
+    local_batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    num_examples: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> Loader:
     """One pass over (a fixed subset of) a split, padded so every process runs the same batches.
 
     The selected ids (`select_examples`) are split into contiguous, disjoint per-process parts.
@@ -363,15 +417,18 @@ def make_eval_loader(*, name: str, split: str, data_dir: str | None = None, imag
     if not len(ids):
         raise ValueError(f"{source!r} is empty")
     if num_examples is not None and num_examples > len(ids):
-        logging.info("%s:%s has %d examples; evaluating on all of them, not %d", name, split,
-                     len(ids), num_examples)
+        logging.info("%s:%s has %d examples; evaluating on all of them, not %d", name, split, len(ids), num_examples)
     num_batches = math.ceil(math.ceil(len(ids) / process_count) / local_batch_size)
     start, stop = (len(ids) * i // process_count for i in (process_index, process_index + 1))
     local = ids[start:stop]
     padded = np.full(num_batches * local_batch_size, -1, np.int64)
-    padded[:len(local)] = local
-    loader = _data_loader(_PaddedSubset(source, padded),
-                          grain.samplers.IndexSampler(len(padded), shuffle=False, num_epochs=1),
-                          grain.sharding.NoSharding(), num_workers, local_batch_size,
-                          [_EvalExample(image_size), grain.transforms.Batch(local_batch_size)])
+    padded[: len(local)] = local
+    loader = _data_loader(
+        _PaddedSubset(source, padded),
+        grain.samplers.IndexSampler(len(padded), shuffle=False, num_epochs=1),
+        grain.sharding.NoSharding(),
+        num_workers,
+        local_batch_size,
+        [_EvalExample(image_size), grain.transforms.Batch(local_batch_size)],
+    )
     return Loader(loader, source, f"{name}:{split} evaluation loader", num_batches, ids)

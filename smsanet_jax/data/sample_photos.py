@@ -38,18 +38,20 @@ class SamplePhotos(tfds.core.GeneratorBasedBuilder):
             builder=self,
             description="The colour photographs that ship inside scikit-image (skimage.data).",
             features=image_folder.image_features(),
-            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html")
+            homepage="https://scikit-image.org/docs/stable/api/skimage.data.html",
+        )
 
     def _split_generators(self, dl_manager):
         del dl_manager  # The files are already on disk.
-        missing = [f for f in TRAIN_FILES + VALIDATION_FILES
-                   if not os.path.exists(os.path.join(skimage.data.data_dir, f))]
+        missing = [
+            f for f in TRAIN_FILES + VALIDATION_FILES if not os.path.exists(os.path.join(skimage.data.data_dir, f))
+        ]
         if missing:
             raise FileNotFoundError(
                 f"scikit-image's data folder {skimage.data.data_dir} lacks {', '.join(missing)}; "
-                "reinstall scikit-image from its wheel")
-        return {"train": self._generate_examples(TRAIN_FILES),
-                "validation": self._generate_examples(VALIDATION_FILES)}
+                "reinstall scikit-image from its wheel"
+            )
+        return {"train": self._generate_examples(TRAIN_FILES), "validation": self._generate_examples(VALIDATION_FILES)}
 
     def _generate_examples(self, files):
         for name in files:

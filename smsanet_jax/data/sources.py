@@ -57,12 +57,13 @@ def is_folder(name: str) -> bool:
 
 
 def _folder_path(name: str) -> str:
-    path = name[len(FOLDER_PREFIX):] if name.startswith(FOLDER_PREFIX) else name
+    path = name[len(FOLDER_PREFIX) :] if name.startswith(FOLDER_PREFIX) else name
     return os.path.realpath(os.path.expanduser(path))
 
 
-def prepare(name: str, *, data_dir: str | None = None, manual_dir: str | None = None,
-            source: str | None = None) -> PreparedDataset:
+def prepare(
+    name: str, *, data_dir: str | None = None, manual_dir: str | None = None, source: str | None = None
+) -> PreparedDataset:
     """Prepares a dataset in array_record format (the `smsanet-jax prepare-data` command).
 
     Preparing an already prepared dataset does nothing. tfds and this function show progress bars.
@@ -142,7 +143,8 @@ def _check_random_access(builder) -> None:
             f"{builder.info.full_name} in {builder.data_dir} is stored as {', '.join(sorted(formats))}, "
             "which the grain loader cannot read by index. Convert it in place with:\n"
             f"  tfds convert_format --dataset_version_dir={builder.data_dir} "
-            f"--out_file_format={_RANDOM_ACCESS_FORMAT}")
+            f"--out_file_format={_RANDOM_ACCESS_FORMAT}"
+        )
 
 
 @contextlib.contextmanager
@@ -174,8 +176,10 @@ def _prepared_builder(name: str, data_dir: str):
         if not builder.is_prepared():
             if name != SAMPLE_PHOTOS:
                 manual = " --manual-dir DIR" if name.startswith("imagenet") else ""
-                raise ValueError(f"{name} is not prepared in {data_dir}; run: smsanet-jax prepare-data "
-                                 f"{name} --data-dir {data_dir}{manual}")
+                raise ValueError(
+                    f"{name} is not prepared in {data_dir}; run: smsanet-jax prepare-data "
+                    f"{name} --data-dir {data_dir}{manual}"
+                )
             logging.info("%s is not prepared yet: preparing it now", name)
             prepare(name, data_dir=data_dir)
             builder = _tfds_builder(name, data_dir)
@@ -200,12 +204,12 @@ class ImageSource:
 
     def __init__(self, builder, split: str):
         if split.split("[")[0] not in builder.info.splits:  # `train[:10%]` slices are fine.
-            raise ValueError(f"{builder.info.full_name} has no split {split!r} "
-                             f"(it has {', '.join(sorted(builder.info.splits))})")
+            raise ValueError(
+                f"{builder.info.full_name} has no split {split!r} (it has {', '.join(sorted(builder.info.splits))})"
+            )
         self._image_key = _image_key(builder.info.features)
         self._has_file_name = "file_name" in builder.info.features
-        self._source = builder.as_data_source(
-            split, decoders={self._image_key: tfds.decode.SkipDecoding()})
+        self._source = builder.as_data_source(split, decoders={self._image_key: tfds.decode.SkipDecoding()})
         self.dataset = builder.info.full_name
         self.split = split
 
@@ -214,8 +218,7 @@ class ImageSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self._source[index]
-        return {"image": record[self._image_key], "name": self._name(record, index),
-                "id": np.int64(index)}
+        return {"image": record[self._image_key], "name": self._name(record, index), "id": np.int64(index)}
 
     def _name(self, record: Mapping, index: int) -> str:
         if self._has_file_name:

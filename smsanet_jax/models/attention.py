@@ -33,8 +33,7 @@ class ChannelMLP(nn.Module):
     @nn.compact
     def __call__(self, v: jax.Array) -> jax.Array:
         channels = v.shape[-1]
-        dense = lambda features, name: nn.Dense(
-                features, dtype=self.dtype, param_dtype=jnp.float32, name=name)
+        dense = lambda features, name: nn.Dense(features, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         v = nn.relu(dense(hidden_features(channels, self.reduction), "hidden")(v))
         return dense(channels, "out")(v)
 
@@ -65,15 +64,16 @@ class SMSA(nn.Module):
         coarsest = 2 ** (self.n_scales - 1)
         if x.shape[1] % coarsest or x.shape[2] % coarsest:
             raise ValueError(
-                    f"{self.name or 'SMSA'}: with n_scales={self.n_scales} the feature map height and width must "
-                    f"be divisible by 2^(n_scales-1) = {coarsest}; got a feature map of shape {tuple(x.shape)}")
+                f"{self.name or 'SMSA'}: with n_scales={self.n_scales} the feature map height and width must "
+                f"be divisible by 2^(n_scales-1) = {coarsest}; got a feature map of shape {tuple(x.shape)}"
+            )
         x = x.astype(self.dtype)
         n, h, w, _ = x.shape
         pooled = channel_pool(x)
         lambdas = nn.sigmoid(self.param("scale_logits", nn.initializers.zeros, (self.n_scales - 1,), jnp.float32))
         maps = []
         for k in range(1, self.n_scales):
-            size = 2 ** k
+            size = 2**k
             coarse = pooled.reshape(n, h // size, size, w // size, size, 2).mean((2, 4))
             score = layers.Conv(1, dtype=self.dtype, conv_impl=self.conv_impl, name=f"spatial_conv{k}")(coarse)
             maps.append(jnp.repeat(jnp.repeat(nn.sigmoid(score), size, 1), size, 2))
@@ -108,9 +108,9 @@ class CBAM(nn.Module):
         mlp = ChannelMLP(self.reduction, self.dtype, name="channel_mlp")
         channel = nn.sigmoid(mlp(x.mean((1, 2))) + mlp(x.max((1, 2))))[:, None, None, :]
         refined = x * channel
-        score = layers.Conv(
-                1, (7, 7), use_bias=False, dtype=self.dtype, conv_impl=self.conv_impl,
-                name="spatial_conv")(channel_pool(refined))
+        score = layers.Conv(1, (7, 7), use_bias=False, dtype=self.dtype, conv_impl=self.conv_impl, name="spatial_conv")(
+            channel_pool(refined)
+        )
         spatial = nn.sigmoid(layers.batch_norm(train, self.dtype, name="spatial_bn", momentum=0.99)(score))
         self.sow("intermediates", "channel", channel)
         self.sow("intermediates", "spatial", spatial)

@@ -39,8 +39,8 @@ def model_input(l: jax.Array, ab_hint: jax.Array | None = None, mask: jax.Array 
         raise ValueError(f"BaseNet expects L of shape [N,H,W,1], got {tuple(l.shape)}")
     if l.shape[1] % SIZE_MULTIPLE or l.shape[2] % SIZE_MULTIPLE:
         raise ValueError(
-                f"BaseNet needs an input height and width divisible by {SIZE_MULTIPLE}; "
-                f"got L of shape {tuple(l.shape)}")
+            f"BaseNet needs an input height and width divisible by {SIZE_MULTIPLE}; got L of shape {tuple(l.shape)}"
+        )
     ab_hint = jnp.zeros(l.shape[:-1] + (2,)) if ab_hint is None else jnp.asarray(ab_hint, jnp.float32)
     mask = jnp.zeros_like(l) if mask is None else jnp.asarray(mask, jnp.float32)
     for name, value, channels in (("ab_hint", ab_hint, 2), ("mask", mask, 1)):
@@ -78,8 +78,8 @@ class ConvBlock(nn.Module):
             index = 1
         for _ in range(self.num_convs):
             x = layers.Conv(
-                    self.features, dilation=self.dilation, dtype=self.dtype, conv_impl=self.conv_impl,
-                    name=f"conv{index}")(x)
+                self.features, dilation=self.dilation, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{index}"
+            )(x)
             x = nn.leaky_relu(x, 0.2) if self.final else nn.relu(x)
             index += 2
         if not self.final:
@@ -117,11 +117,11 @@ class BaseNet(nn.Module):
 
     @nn.compact
     def __call__(
-            self,
-            l: jax.Array,
-            ab_hint: jax.Array | None = None,
-            mask: jax.Array | None = None,
-            train: bool = False,
+        self,
+        l: jax.Array,
+        ab_hint: jax.Array | None = None,
+        mask: jax.Array | None = None,
+        train: bool = False,
     ) -> jax.Array:
         """Colorizes lightness.
 

@@ -33,19 +33,25 @@ class Conv(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param(
-                "kernel", DEFAULT_KERNEL_INIT, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
+        kernel = self.param("kernel", DEFAULT_KERNEL_INIT, (*self.kernel_size, x.shape[-1], self.features), jnp.float32)
         padding = self.padding or same_padding(self.kernel_size, self.dilation)
         y = ops.conv2d(
-                x.astype(self.dtype), kernel.astype(self.dtype), padding=padding,
-                dilation=(self.dilation, self.dilation), impl=self.conv_impl)
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            padding=padding,
+            dilation=(self.dilation, self.dilation),
+            impl=self.conv_impl,
+        )
         if self.use_bias:
             y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         return y
 
 
 class ConvTranspose4x4(nn.Module):
-    """torch.nn.ConvTranspose2d(k=4, s=2, p=1); params `kernel` [4,4,I,O] (= torch weight.transpose(2,3,0,1)), `bias`."""
+    """torch.nn.ConvTranspose2d(k=4, s=2, p=1).
+
+    Params `kernel` [4,4,I,O] (= torch weight.transpose(2,3,0,1)) and `bias`.
+    """
 
     features: int
     dtype: Any = jnp.float32
@@ -65,5 +71,5 @@ def batch_norm(train: bool, dtype: Any, name: str | None = None, momentum: float
     `momentum` is Flax's decay of the running averages, i.e. 1 - torch's `momentum`.
     """
     return nn.BatchNorm(
-            use_running_average=not train, momentum=momentum, epsilon=1e-5, dtype=dtype,
-            param_dtype=jnp.float32, name=name)
+        use_running_average=not train, momentum=momentum, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=name
+    )

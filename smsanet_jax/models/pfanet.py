@@ -123,8 +123,7 @@ class _VGG16Features(nn.Module):
             if block > 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             for i in range(1, n_convs + 1):
-                x = nn.relu(layers.Conv(
-                        width, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{block}_{i}")(x))
+                x = nn.relu(layers.Conv(width, dtype=self.dtype, conv_impl=self.conv_impl, name=f"conv{block}_{i}")(x))
             features.append(x)
         return features
 
@@ -139,7 +138,8 @@ class _CPFE(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         conv = functools.partial(
-                layers.Conv, _CPFE_FEATURES, use_bias=False, dtype=self.dtype, conv_impl=self.conv_impl)
+            layers.Conv, _CPFE_FEATURES, use_bias=False, dtype=self.dtype, conv_impl=self.conv_impl
+        )
         branches = [conv(kernel_size=(1, 1), name="conv_1x1")(x)]
         branches += [conv(dilation=d, name=f"conv_dil{d}")(x) for d in _CPFE_DILATIONS]
         return _norm_relu(self.variant, train, self.dtype, "bn", jnp.concatenate(branches, axis=-1))
@@ -178,8 +178,7 @@ class _SpatialAttention(nn.Module):
             y = x
             for i, (kernel, width) in enumerate(zip(kernels, (x.shape[-1] // 2, 1)), start=1):
                 shape = "conv1k" if kernel == row else "convk1"
-                y = layers.Conv(width, kernel, dtype=self.dtype, conv_impl=self.conv_impl,
-                                name=f"{group}_{shape}")(y)
+                y = layers.Conv(width, kernel, dtype=self.dtype, conv_impl=self.conv_impl, name=f"{group}_{shape}")(y)
                 y = _norm_relu(self.variant, train, self.dtype, f"{group}_bn{i}", y)
             return y
 
@@ -220,10 +219,14 @@ class PFANet(nn.Module):
         c1, c2, c3, c4, c5 = _VGG16Features(**kw, name="vgg16")(x)
 
         # High level: CPFE on C3..C5 at C3's resolution, channel attention, fuse, up to input size.
-        high = jnp.concatenate([
+        high = jnp.concatenate(
+            [
                 _CPFE(self.variant, **kw, name="cpfe3")(c3, train),
                 _upsample(_CPFE(self.variant, **kw, name="cpfe4")(c4, train), 2),
-                _upsample(_CPFE(self.variant, **kw, name="cpfe5")(c5, train), 4)], axis=-1)
+                _upsample(_CPFE(self.variant, **kw, name="cpfe5")(c5, train), 4),
+            ],
+            axis=-1,
+        )
         high, gates = _ChannelAttention(self.dtype, name="channel_att")(high)
         self.sow("intermediates", "ca_gates", gates)
         self.sow("intermediates", "ca_activity", gates.mean())
@@ -272,8 +275,15 @@ def preprocess(rgb255: jax.Array, variant: str = "s") -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("variant", "size", "dtype", "conv_impl"))
-def saliency(variables: Any, rgb255: jax.Array, *, variant: str = "s", size: int = 256,
-             dtype: Any = jnp.float32, conv_impl: str = "auto") -> jax.Array:
+def saliency(
+    variables: Any,
+    rgb255: jax.Array,
+    *,
+    variant: str = "s",
+    size: int = 256,
+    dtype: Any = jnp.float32,
+    conv_impl: str = "auto",
+) -> jax.Array:
     """Saliency probability of RGB images of any size, PFANet run at size x size in inference mode.
 
     Resizing: images are resized straight to size x size (aspect ratio not kept) with bilinear

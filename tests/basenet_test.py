@@ -13,8 +13,8 @@ import torch
 
 from smsanet_jax import convert
 from smsanet_jax.models import BaseNet
-from tests import torch_siggraph17
-from tests.torch_utils import perturb_batch_norms
+from tests.reference import torch_siggraph17
+from tests.reference.torch_utils import perturb_batch_norms
 
 WIDTH, BATCH, SIZE = 64, 2, 64  # The released network's channels, on small images.
 PARITY_TOLERANCE = 1e-3  # Raw ab units.

@@ -13,8 +13,8 @@ from PIL import Image
 
 from smsanet_jax import checkpointing, cli, colorize, config_util, convert, inference, parallel, train
 from smsanet_jax.models import pfanet
-from tests import torch_pfanet, torch_siggraph17
-from tests.torch_utils import perturb_batch_norms
+from tests.reference import torch_pfanet, torch_siggraph17
+from tests.reference.torch_utils import perturb_batch_norms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH = 8

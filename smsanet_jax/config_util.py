@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -38,3 +39,12 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
             f"{path} with {' '.join(overrides) or 'no overrides'}: {e} "
             "(keys and value types are fixed by the config file)"
         ) from e
+
+
+def jsonable(value: Any) -> Any:
+    """Config values as JSON would give them back (tuples become lists)."""
+    if isinstance(value, Mapping):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

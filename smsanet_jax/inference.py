@@ -1,20 +1,37 @@
-"""The colorizer a command runs: a training workdir, converted weights plus a config, or the gray baseline."""
+"""The colorizer a command runs, and colorization of real photos at full resolution.
+
+A `Colorizer` is a training workdir's latest checkpoint, converted weights plus the config of their
+network, or the gray baseline (`load_colorizer`). `PhotoColorizer` runs it on photos of any size:
+the photo is resized to 256x256 RGB (Pillow bicubic, antialiased, aspect ratio not kept, as Zhang
+et al.'s `colorizers` demo does), its L goes through the network with the point hints, and only
+the predicted ab is upsampled (bilinear, half-pixel centres) to the original size and merged with
+the original full-resolution L, then converted to uint8 sRGB; out-of-gamut colours lose chroma
+rather than lightness (`fit_chroma`), so the output's L is the original's within uint8 rounding.
+
+Nothing here imports TensorFlow, tensorflow_datasets or grain.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from smsanet_jax import checkpointing, config_util, convert, train
+from smsanet_jax import checkpointing, colorspace, config_util, hints, parallel, state, weights
 
 BASELINES = ("gray",)
+# Bisection steps of `fit_chroma`: out-of-gamut chroma is kept to within 2^-8 of the largest that fits.
+_CHROMA_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +73,32 @@ def params_sha256(variables: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
+def load_trained(
+    workdir: str, step: int | None = None
+) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, Any], int]:
+    """A trained model from a workdir: (config, model, {"params", "batch_stats"}, step).
+
+    Raises:
+      ValueError: the workdir has no config.json or no checkpoint.
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    config_path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"--workdir {workdir}: no config.json here; is it a training workdir?")
+    with open(config_path, encoding="utf-8") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
+    step = step or checkpointer.latest_step()
+    if not step:
+        raise ValueError(f"--workdir {workdir}: no checkpoint in {checkpointer.directory}")
+    model = state.build_model(config)
+    # Replicated over every device of every process: a one-device mesh is invalid with several processes.
+    abstract = state.abstract_train_state(config, model, parallel.make_mesh())
+    restored = checkpointer.restore_state(step, abstract)
+    checkpointer.close()
+    return config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, step
+
+
 def load_colorizer(
     *,
     workdir: str | None = None,
@@ -68,7 +111,7 @@ def load_colorizer(
 
     Args:
       workdir: a training workdir (its config.json and latest checkpoint).
-      params: a weights file written by `save_variables` (e.g. by `convert-weights siggraph17`).
+      params: a weights file written by `weights.save_variables` (e.g. by `convert-weights siggraph17`).
       config: the config file describing the network of `params` (e.g. configs/basenet.py).
       overrides: `--config.key=value` overrides of `config`.
       baseline: "gray" (ab = 0).
@@ -91,35 +134,121 @@ def load_colorizer(
     if baseline is not None:
         if baseline not in BASELINES:
             raise ValueError(f"unknown baseline {baseline!r}; choose from {BASELINES}")
-        return Colorizer(
-            gray_apply, {}, {"source": f"baseline:{baseline}", "step": None, "params_sha256": None, "config": None}
-        )
+        provenance = {"source": f"baseline:{baseline}", "step": None, "params_sha256": None, "config": None}
+        return Colorizer(gray_apply, {}, provenance)
     if workdir is not None:
-        cfg, model, variables, step = train.load_trained(workdir)
+        cfg, model, variables, step = load_trained(workdir)
         variables = jax.device_get(variables)
         source = workdir
     else:
         cfg = config_util.load_config(config, overrides)
-        model = train.build_model(cfg)
-        variables, _ = checkpointing.load_variables(params)
-        variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
-        # Shapes only: eval_shape allocates nothing. The config's image size suits its attention scales.
-        size = cfg.image_size
-        expected = jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
-        errors = convert.shape_errors(variables, expected)
-        if errors:
-            raise ValueError(
-                f"{params} does not fit the network of {config}:\n  "
-                + "\n  ".join(errors[:20])
-                + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
-            )
+        model = state.build_model(cfg)
+        variables = weights.model_variables(weights.load_variables(params)[0])
+        weights.check_fits(variables, state.variable_shapes(cfg, model), params, f"the network of {config}")
         step, source = None, params
     return Colorizer(
         model.apply,
         variables,
-        {"source": source, "step": step, "params_sha256": params_sha256(variables), "config": _plain(cfg)},
+        {
+            "source": source,
+            "step": step,
+            "params_sha256": params_sha256(variables),
+            "config": config_util.jsonable(cfg.to_dict()),
+        },
     )
 
 
-def _plain(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    return checkpointing.jsonable(config.to_dict())
+# --- Colorization ------------------------------------------------------------------------------
+
+
+def _network_ab(apply_fn, variables: Any, rgb_small: jax.Array, ab_hint: jax.Array, mask: jax.Array) -> jax.Array:
+    l, _ = colorspace.rgb_uint8_to_l_ab(rgb_small)
+    return apply_fn(variables, l, ab_hint, mask, train=False).astype(jnp.float32)
+
+
+def fit_chroma(l: jax.Array, ab: jax.Array) -> jax.Array:
+    """Shrinks each pixel's ab toward gray just enough that its colour fits in sRGB.
+
+    Clipping an out-of-gamut colour in RGB (what lab2rgb does) changes its lightness, by up to
+    ~10 L units for saturated dark or bright predictions; scaling the chroma instead keeps L and
+    hue. The scale is the largest in [0, 1] (bisection, 2^-`_CHROMA_STEPS` resolution) at which
+    no sRGB channel needs clipping; gray (scale 0) is always kept.
+
+    Args:
+      l: L in [0, 100], [..., 1].
+      ab: raw ab, [..., 2].
+
+    Returns:
+      The scaled ab, [..., 2].
+    """
+
+    def fits(scale):
+        # lab_to_rgb clips to [0, 1]: a channel at a bound means the colour was (at least) on the edge.
+        rgb = colorspace.lab_to_rgb(colorspace.lab_from_l_ab(l, ab * scale))
+        return jnp.all((rgb > 0.0) & (rgb < 1.0), axis=-1, keepdims=True)
+
+    def bisect(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        good = fits(mid)
+        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
+
+    lo = jnp.where(fits(1.0), 1.0, 0.0)
+    lo, _ = jax.lax.fori_loop(0, _CHROMA_STEPS, bisect, (lo, jnp.ones_like(lo)))
+    return ab * lo
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_network(apply_fn):
+    """The jitted network of one model: colorizing again reuses the compilation."""
+    return jax.jit(functools.partial(_network_ab, apply_fn))
+
+
+@jax.jit
+def merge_full_resolution(rgb: jax.Array, ab_small: jax.Array) -> jax.Array:
+    """The original L with the network's ab upsampled to its size, as uint8 sRGB.
+
+    Args:
+      rgb: the original image, uint8 [H, W, 3].
+      ab_small: predicted raw ab [h, w, 2] at the network's resolution.
+
+    Returns:
+      uint8 [H, W, 3], whose L equals the original's within uint8 rounding (see `fit_chroma`).
+    """
+    l = colorspace.rgb_uint8_to_lab(rgb)[..., :1]
+    # Bilinear with half-pixel centres (torch's align_corners=False, as Zhang et al.'s postprocess).
+    ab = jax.image.resize(ab_small, rgb.shape[:2] + (2,), "bilinear")
+    return colorspace.lab_to_rgb_uint8(colorspace.lab_from_l_ab(l, fit_chroma(l, ab)))
+
+
+class PhotoColorizer:
+    """A colorizer's network on local devices, compiled once per batch shape, for `hints.Photo`s.
+
+    Calls are padded with zero rows (to `batch_size`, or the caller's `pad_to`), so one compilation
+    serves any number of photos.
+    """
+
+    def __init__(
+        self, colorizer: Colorizer, *, batch_size: int = 1, num_devices: int = 0, size: int = hints.NETWORK_SIZE
+    ):
+        self.mesh = parallel.make_mesh(num_devices)
+        self.batch_size = parallel.round_up_to_devices(batch_size, self.mesh)
+        self.size = size
+        self._variables = jax.device_put(colorizer.variables, parallel.replicated(self.mesh))
+        self._network = _compiled_network(colorizer.apply_fn)
+
+    def network_ab(self, photos: Sequence[hints.Photo], pad_to: int | None = None) -> np.ndarray:
+        """The network's raw ab [len(photos), S, S, 2], run on a batch padded to `pad_to` rows.
+
+        `pad_to` (default `batch_size`) is rounded up to a multiple of the devices.
+        """
+        rows = parallel.round_up_to_devices(pad_to or self.batch_size, self.mesh)
+        stacked = {k: hints.padded_stack([getattr(p, k) for p in photos], rows) for k in ("small", "ab_hint", "mask")}
+        batch = parallel.make_global(stacked, self.mesh)
+        ab = self._network(self._variables, batch["small"], batch["ab_hint"], batch["mask"])
+        return np.asarray(ab)[: len(photos)]
+
+    def __call__(self, photos: Sequence[hints.Photo], pad_to: int | None = None) -> list[np.ndarray]:
+        """Full-resolution uint8 RGB colorizations of `photos` (see `network_ab`)."""
+        ab = self.network_ab(photos, pad_to)
+        return [np.asarray(merge_full_resolution(p.rgb, ab[i])) for i, p in enumerate(photos)]

@@ -1,38 +1,35 @@
-"""Datasets (tfds, array_record) and grain loaders: sample photos, image folders, ImageNet, tfds names."""
+"""Datasets (tfds, array_record) and grain loaders: sample photos, image folders, ImageNet, tfds names.
 
-from smsanet_jax.data.decode import UnreadableImageError, decode_rgb
-from smsanet_jax.data.pipeline import (
-    DEFAULT_GRAY_THRESHOLD,
-    Loader,
-    LoaderIterator,
-    make_eval_loader,
-    make_train_loader,
-    select_examples,
-)
-from smsanet_jax.data.sources import (
-    ImageSource,
-    PreparedDataset,
-    default_data_dir,
-    example_name,
-    open_source,
-    prepare,
-    read_image,
-)
+`decode` (robust image decoding) and `transforms` (resizing, crops) need only Pillow and NumPy;
+inference imports them. The dataset and loader names below come from `sources` and `pipeline`,
+which import tensorflow_datasets and grain, so they are loaded on first use (PEP 562): loading a
+colorizer for inference never imports the training data stack.
+"""
 
-__all__ = [
-    "DEFAULT_GRAY_THRESHOLD",
-    "ImageSource",
-    "Loader",
-    "LoaderIterator",
-    "PreparedDataset",
-    "UnreadableImageError",
-    "decode_rgb",
-    "default_data_dir",
-    "example_name",
-    "make_eval_loader",
-    "make_train_loader",
-    "open_source",
-    "prepare",
-    "read_image",
-    "select_examples",
-]
+import importlib
+
+_EXPORTS = {
+    "DEFAULT_GRAY_THRESHOLD": "pipeline",
+    "Loader": "pipeline",
+    "LoaderIterator": "pipeline",
+    "make_eval_loader": "pipeline",
+    "make_train_loader": "pipeline",
+    "select_examples": "pipeline",
+    "ImageSource": "sources",
+    "PreparedDataset": "sources",
+    "default_data_dir": "sources",
+    "example_name": "sources",
+    "open_source": "sources",
+    "prepare": "sources",
+    "read_image": "sources",
+    "UnreadableImageError": "decode",
+    "decode_rgb": "decode",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

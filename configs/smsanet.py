@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # Parameter init and data order.
     c.num_train_steps = 40_000  # Paper §3.2.
-    c.global_batch_size = 16  # Not in the paper; what fits a 1080Ti-11GB era GPU (facts D1).
+    c.global_batch_size = 16  # Not in the paper; what fits a 1080Ti-11GB era GPU (docs/design.md, Training).
     c.image_size = 256  # Training crops and evaluation size (paper §3.2).
     c.dtype = "float32"  # Compute dtype: float32 | bfloat16 (params always float32).
     c.conv_impl = "auto"  # auto | xla | cpu: convolution implementation (auto picks by backend).

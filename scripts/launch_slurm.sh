@@ -6,7 +6,7 @@
 # One training process per host; jax.distributed reads SLURM's environment (coordinator = first
 # node, process id = task id). SIGTERM two minutes before the time limit saves a checkpoint, and
 # resubmitting the same job resumes it.
-# Usage: sbatch --nodes=N scripts/launch_slurm.sh --config configs/smsanet.py --workdir /shared/runs/x
+# Usage: sbatch --nodes=N scripts/launch_slurm.sh --config configs/smsanet.py --workdir runs/x
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 srun --kill-on-bad-exit=1 .venv/bin/smsanet-jax train "$@"

@@ -16,7 +16,7 @@ from tests.reference import torch_pfanet
 
 SIZE = 64  # Parity images: 64x64, batch 2.
 PARITY_ATOL = 1e-4
-S_PARAMS = 16_381_607  # architecture-facts §3.4.
+S_PARAMS = 16_381_607  # docs/architecture.md, PFANet.
 K_PARAMS = 16_184_999  # S minus the 3x3 -> 1x1 high-level conv (384*64*8 weights fewer).
 BN_STAT_SCALARS = 1_412  # Running means and variances, both variants.
 

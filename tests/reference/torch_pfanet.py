@@ -1,4 +1,4 @@
-"""PyTorch PFANet-S (the sairajk port) written from architecture-facts §3.4: the parity reference.
+"""PyTorch PFANet-S (the sairajk port) written from docs/architecture.md (PFANet): the parity reference.
 
 Module and state-dict names follow the port (vgg16.{0,2,5,...}, cpfe_conv3_3.conv_1_1, cha_att.linear_1,
 hl_conv1, ll_conv_1, spa_att.grp1_conv1k, ff_conv_1, ...). NCHW; forward returns (probability, ca_act_reg).

@@ -1,4 +1,4 @@
-"""PyTorch SIGGRAPH17 generator written from the layer table of the facts file (§2.2-2.4), as a reference.
+"""PyTorch SIGGRAPH17 generator written from the layer table in docs/architecture.md (BaseNet), as a reference.
 
 Independent of the Flax code: it is the parity reference for tests and the torch side of the
 benchmark. Same I/O convention as `smsanet_jax.models.BaseNet`, but in torch's NCHW layout:

@@ -1,4 +1,10 @@
-"""The `smsanet-jax` command: thin argument parsing in front of the library's functions."""
+"""The `smsanet-jax` command: argument parsing, checks at the door, and everything the user reads.
+
+Every path is made absolute here, once, as the user typed it (relative to the current folder, `~`
+expanded); every number is range-checked before any work starts. A user error is one line,
+`smsanet-jax CMD: error: ...`, and exit status 2 (`-v` adds the traceback). Library functions
+return values; this module prints them.
+"""
 
 from __future__ import annotations
 
@@ -6,32 +12,58 @@ import argparse
 import logging
 import sys
 
-from smsanet_jax import host_memory
+from smsanet_jax import files
+from smsanet_jax import host_memory as malloc
+
+# Errors a user can fix: bad arguments, configs, files, a full disk. Anything else is a bug.
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+
+
+def _paths(args: argparse.Namespace, *names: str) -> None:
+    """Makes the named path arguments absolute (unset ones stay None)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None:
+            setattr(args, name, files.resolve(value))
+
+
+def _at_least(args: argparse.Namespace, minimum: int, *names: str) -> None:
+    """Checks integer options against their lower bound, naming the option."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
 
 
 def _train(args: argparse.Namespace, overrides: list[str]) -> int:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
 
-    from smsanet_jax import config_util, parallel, train  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import config_util, parallel, train
 
+    args.workdir = files.check_output_folder(args.workdir, "--workdir")
+    config = config_util.load_config(files.resolve(args.config), overrides)
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     if jax.process_index() > 0:  # One voice: the other processes report only problems.
         logging.getLogger().setLevel(logging.WARNING)
-    config = config_util.load_config(args.config, overrides)
     train.train_and_evaluate(config, args.workdir)
     return 0
 
 
 def _prepare_data(args: argparse.Namespace, overrides: list[str]) -> int:
     del overrides
-    from smsanet_jax import data  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import data
 
-    data.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir, source=args.source)
+    _paths(args, "data_dir", "manual_dir", "source")
+    print(data.prepare(args.name, data_dir=args.data_dir, manual_dir=args.manual_dir, source=args.source))
     return 0
 
 
+def _model_paths(args: argparse.Namespace) -> None:
+    _paths(args, "workdir", "params", "config")
+
+
 def _colorizer(args: argparse.Namespace, overrides: list[str]):
-    from smsanet_jax import inference  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import inference
 
     return inference.load_colorizer(
         workdir=args.workdir, params=args.params, config=args.config, overrides=overrides, baseline=args.baseline
@@ -39,38 +71,48 @@ def _colorizer(args: argparse.Namespace, overrides: list[str]):
 
 
 def _evaluate(args: argparse.Namespace, overrides: list[str]) -> int:
-    from smsanet_jax import evaluate, parallel  # pylint: disable=import-outside-toplevel
+    import jax
 
+    from smsanet_jax import evaluation, parallel
+
+    _model_paths(args)
+    _paths(args, "images", "data_dir")
+    _at_least(args, 1, "batch_size", "image_size")
+    _at_least(args, 0, "num_images", "num_devices", "num_workers")
+    args.out = evaluation.check_report_folder(args.out, args.overwrite)  # Before any scoring.
     parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     # --num-images 0 means all; unset: all of a folder, the paper's 1000 of a dataset split.
     num = None if args.num_images == 0 else args.num_images
     if args.images:
-        images = evaluate.FolderImages(args.images, image_size=args.image_size, num_images=num, seed=args.seed)
+        images = evaluation.FolderImages(args.images, image_size=args.image_size, num_images=num, seed=args.seed)
     else:
-        images = evaluate.DatasetImages(
+        images = evaluation.DatasetImages(
             args.dataset,
             args.split,
             data_dir=args.data_dir,
             image_size=args.image_size,
-            num_images=evaluate.PAPER_NUM_IMAGES if args.num_images is None else num,
+            num_images=evaluation.PAPER_NUM_IMAGES if args.num_images is None else num,
             seed=args.seed,
             num_workers=args.num_workers,
         )
-    evaluate.evaluate(
+    result = evaluation.evaluate_to_folder(
         _colorizer(args, overrides),
         images,
         args.out,
+        overwrite=args.overwrite,
+        save_images=args.save_images,
         batch_size=args.batch_size,
         num_devices=args.num_devices,
-        save_images=args.save_images,
-        overwrite=args.overwrite,
     )
+    if jax.process_index() == 0:
+        print(evaluation.format_table(result.summary))
+        print(f"report in {args.out}", file=sys.stderr)
     return 0
 
 
-def _report(report, verb: str, out: str) -> int:
+def _report(report, out: str) -> int:
     """Prints what an inference command did; non-zero exit status if any input failed."""
-    print(f"{verb} {len(report.written)} files in {out}", file=sys.stderr)
+    print(f"wrote {len(report.written)} files in {out}", file=sys.stderr)
     if report.failed:
         print(f"{len(report.failed)} inputs failed:", file=sys.stderr)
         for what, reason in report.failed:
@@ -80,26 +122,31 @@ def _report(report, verb: str, out: str) -> int:
 
 
 def _colorize(args: argparse.Namespace, overrides: list[str]) -> int:
-    from smsanet_jax import colorize  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import colorize, inference
 
-    report = colorize.colorize(
-        _colorizer(args, overrides),
-        args.inputs,
-        args.out,
-        hints=args.hints,
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        fmt=args.format,
-        num_devices=args.num_devices,
+    _model_paths(args)
+    _paths(args, "hints")
+    _at_least(args, 1, "batch_size")
+    _at_least(args, 0, "num_devices")
+    args.out = files.check_output_folder(args.out, "--out")
+    files.check_not_inside(args.out, args.inputs, "--out")
+    network = inference.PhotoColorizer(
+        _colorizer(args, overrides), batch_size=args.batch_size, num_devices=args.num_devices
     )
-    return _report(report, "wrote", args.out)
+    report = colorize.colorize(
+        network, args.inputs, args.out, hints_file=args.hints, overwrite=args.overwrite, fmt=args.format
+    )
+    return _report(report, args.out)
 
 
 def _saliency(args: argparse.Namespace, overrides: list[str]) -> int:
     del overrides
-    from smsanet_jax import colorize  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import saliency
 
-    report = colorize.saliency_maps(
+    _paths(args, "params")
+    _at_least(args, 1, "batch_size", "size")
+    args.out = files.check_output_folder(args.out, "--out")
+    report = saliency.saliency_maps(
         args.params,
         args.inputs,
         args.out,
@@ -108,23 +155,23 @@ def _saliency(args: argparse.Namespace, overrides: list[str]) -> int:
         overwrite=args.overwrite,
         batch_size=args.batch_size,
     )
-    return _report(report, "wrote", args.out)
+    return _report(report, args.out)
 
 
 def _convert_weights(args: argparse.Namespace, overrides: list[str]) -> int:
     del overrides
-    from smsanet_jax import convert  # pylint: disable=import-outside-toplevel
+    from smsanet_jax import convert
 
+    _paths(args, "src", "dst")
     meta = convert.convert_file(args.kind, args.src, args.dst, overwrite=args.overwrite)
-    print(
-        f"wrote {args.kind} weights to {args.dst} ({', '.join(f'{k} {v}' for k, v in meta.items())})", file=sys.stderr
-    )
+    details = ", ".join(f"{k} {v}" for k, v in meta.items())
+    print(f"wrote {args.kind} weights to {args.dst} ({details})", file=sys.stderr)
     return 0
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (exactly one)")
-    g.add_argument("--workdir", help="a training workdir: its config and latest checkpoint")
+    g.add_argument("--workdir", help="a training workdir: its config and latest intact checkpoint")
     g.add_argument("--params", help="a weights file (convert-weights output); needs --config")
     g.add_argument(
         "--config",
@@ -133,11 +180,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--baseline", choices=["gray"], help="gray: ab = 0 (the floor to beat)")
 
 
+def _add_multihost_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coordinator", help="multi-host: address:port of process 0")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smsanet-jax", description="SMSANet image colorization in JAX: train, evaluate, colorize."
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser(
@@ -147,9 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--config", required=True, help="a config file, e.g. configs/smsanet.py")
     p.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, metrics, images")
-    p.add_argument("--coordinator", help="multi-host: address:port of process 0")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    _add_multihost_args(p)
     p.set_defaults(run=_train, accepts_overrides=True)
 
     p = sub.add_parser("prepare-data", help="prepare a dataset (array_record) for training/evaluation")
@@ -182,9 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0, help="grain decoding processes (datasets)")
     p.add_argument("--save-images", action="store_true", help="also write predictions/ and truth/ PNGs")
     p.add_argument("--overwrite", action="store_true", help="replace a report already in --out")
-    p.add_argument("--coordinator", help="multi-host: address:port of process 0")
-    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
-    p.add_argument("--process-id", type=int, help="multi-host: this process's index")
+    _add_multihost_args(p)
     p.set_defaults(run=_evaluate, accepts_overrides=True)
 
     p = sub.add_parser(
@@ -195,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
     _add_model_args(p)
-    p.add_argument("--out", required=True, help="output folder (input names are kept)")
+    p.add_argument("--out", required=True, help="output folder (input names are kept); not inside an input folder")
     p.add_argument(
         "--hints",
         help='JSON: [{"x": col, "y": row, "a": A, "b": B}, ...] for every image, '
@@ -235,10 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    # orbax, grain and jax log every internal step (through absl), and warn about routine things.
+    for name in ("absl", "jax", "orbax"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """The `smsanet-jax` program; `argv` None reads the command line (and may restart the process)."""
     if argv is None:  # A program, not a call from Python: its malloc is ours to tune.
-        host_memory.reexec_with_tuned_malloc()
+        malloc.reexec_with_tuned_malloc()
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     overrides = [u for u in unknown if u.startswith("--config.")]
@@ -251,14 +306,23 @@ def main(argv: list[str] | None = None) -> None:
         datefmt="%H:%M:%S",
     )
     if not args.verbose:
-        # orbax, grain and jax log every internal step (through absl), and warn about routine things.
-        for name in ("absl", "jax", "orbax"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        _quiet_libraries()
     try:
         status = args.run(args, overrides)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        # Expected user errors (bad config, bad file, mismatched checkpoint): the message, no traceback.
-        logging.debug("details", exc_info=True)
-        print(f"smsanet-jax {args.command}: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        if args.verbose:
+            logging.exception("details")
+        print(f"smsanet-jax {args.command}: error: {_one_line(e)}", file=sys.stderr)
         status = 2
+    except KeyboardInterrupt:
+        print(f"smsanet-jax {args.command}: interrupted", file=sys.stderr)
+        status = 130
     sys.exit(status)
+
+
+def _one_line(error: Exception) -> str:
+    """The error's message; OS errors name the file and what went wrong, without errno noise."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror}"
+    return str(error)

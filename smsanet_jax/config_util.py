@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,9 +19,9 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     Variants import their base as `from configs import smsanet`, so the folder that holds the
     `configs/` package goes on sys.path first.
     """
-    config_path = Path(path).resolve()
+    config_path = Path(path).expanduser().resolve()
     if not config_path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
+        raise FileNotFoundError(f"--config {path}: no such config file (e.g. configs/smsanet.py)")
     package_root = str(config_path.parent.parent)
     if package_root not in sys.path:
         sys.path.insert(0, package_root)
@@ -34,11 +35,32 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
         flag_values(argv)
         return flag_values.config
     except (flags.Error, AttributeError, KeyError, TypeError) as e:
-        # absl/ml_collections report a misspelt key as e.g. AttributeError("'nokey'").
-        raise ValueError(
-            f"{path} with {' '.join(overrides) or 'no overrides'}: {e} "
-            "(keys and value types are fixed by the config file)"
-        ) from e
+        raise ValueError(_override_error(path, config_path, overrides, e)) from e
+
+
+def _override_error(path: str, config_path: Path, overrides: Sequence[str], error: Exception) -> str:
+    """One line naming the override that failed: an unknown key (with close matches) or a bad value."""
+    base = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=base, lock_config=True)
+    base(["smsanet-jax", f"--config={config_path}"])
+    keys = sorted(_flat_keys(base.config.to_dict()))
+    for override in overrides:
+        key = override[len("--config.") :].split("=", 1)[0]
+        if key not in keys and not any(k.startswith(key + ".") for k in keys):
+            close = difflib.get_close_matches(key, keys, n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else f"; see {path} for the keys"
+            return f"--config.{key}: no such key in {path}{hint}"
+    message = error.args[0] if error.args else str(error)
+    return f"{path}: {message} (keys and value types are fixed by the config file)"
+
+
+def _flat_keys(tree: Mapping, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in tree.items():
+        keys.append(prefix + key)
+        if isinstance(value, Mapping):
+            keys += _flat_keys(value, prefix + key + ".")
+    return keys
 
 
 def jsonable(value: Any) -> Any:

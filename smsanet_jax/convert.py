@@ -3,7 +3,8 @@
 A converter is a table of `Entry`s, each naming one torch module and the Flax path of the
 module that holds the same weights. `from_torch` and `to_torch` walk such a table; every key that
 is missing, unexpected or of the wrong shape is reported together in one `ConversionError`.
-torch and h5py are imported lazily so the core package works without them.
+torch and h5py (the `convert` extra) are imported only by the functions that read their files,
+so the rest of the package works without them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,12 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
+
+from smsanet_jax import files, weights
+from smsanet_jax.models.basenet import BaseNet
+from smsanet_jax.models.pfanet import PFANet
 
 Variables = dict[str, Any]
 
@@ -122,25 +128,6 @@ def _set_path(tree: dict, path: Sequence[str], value: Any) -> None:
     tree[path[-1]] = value
 
 
-def shape_errors(converted: Mapping, expected: Mapping, prefix: str = "") -> list[str]:
-    """Compares two nested dicts of arrays (or shape structs); lists every missing, extra or mis-shaped leaf."""
-    errors = []
-    for key in sorted(set(converted) | set(expected)):
-        where = f"{prefix}/{key}"
-        if key not in expected:
-            errors.append(f"{where}: not in the network")
-        elif key not in converted:
-            errors.append(f"{where}: missing from the checkpoint")
-        elif isinstance(expected[key], Mapping):
-            errors.extend(shape_errors(converted[key], expected[key], where))
-        elif tuple(converted[key].shape) != tuple(expected[key].shape):
-            errors.append(
-                f"{where}: shape {tuple(converted[key].shape)} in the checkpoint, "
-                f"{tuple(expected[key].shape)} in the network"
-            )
-    return errors
-
-
 def from_torch(
     state_dict: Mapping[str, np.ndarray], table: Sequence[Entry], expected: Variables, source: str = "checkpoint"
 ) -> Variables:
@@ -163,7 +150,7 @@ def from_torch(
             _set_path(variables["batch_stats"], entry.flax, stats)
     if not variables["batch_stats"]:
         del variables["batch_stats"]
-    mismatches = shape_errors(variables, {k: v for k, v in expected.items() if k in variables})
+    mismatches = weights.shape_errors(variables, {k: v for k, v in expected.items() if k in variables})
     if errors:  # Leaves of missing keys are absent from `variables`; they are reported already.
         mismatches = [e for e in mismatches if not e.endswith("missing from the checkpoint")]
     errors += mismatches
@@ -235,9 +222,6 @@ def siggraph17_from_torch(
     Raises:
       ConversionError: naming every missing or unexpected key and every shape mismatch.
     """
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from smsanet_jax.models.basenet import BaseNet  # pylint: disable=import-outside-toplevel
 
     # Checked against shapes only: eval_shape allocates nothing, and 8x8 is the smallest valid input.
     expected = jax.eval_shape(
@@ -331,9 +315,6 @@ _KERAS_LEAVES = {
 
 
 def _pfanet_shapes(variant: str) -> Variables:
-    import jax  # pylint: disable=import-outside-toplevel
-
-    from smsanet_jax.models.pfanet import PFANet  # pylint: disable=import-outside-toplevel
 
     # Shapes only (nothing allocated); 16x16 is the smallest valid input.
     return jax.eval_shape(PFANet(variant).init, jax.random.key(0), jax.ShapeDtypeStruct((1, 16, 16, 3), np.float32))
@@ -442,7 +423,7 @@ def pfanet_from_keras_h5(path: str) -> Variables:
             _set_path(variables[collection], (*flax, leaf), value)
     for name, flax in paths.items():
         for collection in ("params", "batch_stats"):
-            errors += shape_errors(
+            errors += weights.shape_errors(
                 _subtree(variables[collection], flax),
                 _subtree(expected[collection], flax),
                 f"layer {name} ({collection}/{'/'.join(flax)})",
@@ -505,7 +486,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 
 
 def convert_file(kind: str, src: str, dst: str, overwrite: bool = False) -> dict[str, Any]:
-    """Converts a published checkpoint into a weights file (`checkpointing.save_variables`).
+    """Converts a published checkpoint into a weights file (`weights.save_variables`).
 
     `siggraph17`: a SIGGRAPH17 generator `.pth` state dict (width read from the file); `pfanet-s`:
     the PyTorch port's `.pth`; `pfanet-k`: the official Keras `.h5`. The output is what
@@ -526,12 +507,13 @@ def convert_file(kind: str, src: str, dst: str, overwrite: bool = False) -> dict
       ValueError: an unknown kind, or `dst` exists and `overwrite` is False.
       FileNotFoundError: `src` does not exist.
     """
-    from smsanet_jax import checkpointing  # pylint: disable=import-outside-toplevel
-
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(KINDS)}")
     if not os.path.isfile(src):
         raise FileNotFoundError(f"{src}: no such file")
+    dst = files.resolve(dst)
+    if os.path.isdir(dst):
+        raise ValueError(f"DST {dst}: is a folder; give the weights file to write, e.g. {dst}/weights.msgpack")
     if os.path.exists(dst) and not overwrite:
         raise ValueError(f"{dst} already exists (use --overwrite to replace it)")
     meta: dict[str, Any] = {"source": os.path.basename(src), "source_sha256": _sha256(src)}
@@ -546,6 +528,5 @@ def convert_file(kind: str, src: str, dst: str, overwrite: bool = False) -> dict
             variables = siggraph17_from_torch(state_dict, width=meta["width"], source=src)
         else:
             variables = pfanet_from_torch(state_dict, source=src)
-    os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    checkpointing.save_variables(dst, variables, kind, **meta)
+    weights.save_variables(dst, variables, kind, **meta)
     return meta

@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from PIL import Image
 
+from smsanet_jax import files
+
 
 def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray:
     """Tiles equally sized uint8 RGB images, `rows[i][j]` at row i column j, with white gutters."""
@@ -31,10 +33,8 @@ def image_grid(rows: Sequence[Sequence[np.ndarray]], pad: int = 2) -> np.ndarray
 
 
 def write_png(path: str, image: np.ndarray) -> None:
-    """Writes a PNG atomically: a reader never sees a half-written file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """Writes a PNG atomically (`files.atomic_write`): a reader never sees a half-written file."""
+    files.atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
 class MetricWriter:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
 import json
 import logging
 import os
@@ -12,26 +11,28 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
+import grain.python as grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from flax.training import train_state
-from PIL import Image
 
-from smsanet_jax import checkpointing, colorspace, data, losses, parallel, reporting
-from smsanet_jax.models import SMSANet
+from smsanet_jax import (
+    checkpointing,
+    colorspace,
+    config_util,
+    data,
+    evaluation,
+    files,
+    inference,
+    losses,
+    parallel,
+    reporting,
+    weights,
+)
+from smsanet_jax import state as state_lib
 from smsanet_jax.models import pfanet as pfanet_lib
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-class TrainState(train_state.TrainState):
-    """Params, Adam state and step, plus BatchNorm running statistics."""
-
-    batch_stats: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,77 +55,9 @@ class LossSettings:
             threshold=float(config.loss.threshold),
             pfanet_variant=config.loss.pfanet_variant,
             pfanet_size=config.loss.pfanet_size,
-            dtype=DTYPES[config.dtype],
+            dtype=state_lib.DTYPES[config.dtype],
             conv_impl=config.conv_impl,
         )
-
-
-def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The colorizer a config describes (BaseNet is SMSANet with attention "none")."""
-    m = config.model
-    return SMSANet(
-        attention=m.attention,
-        blocks=tuple(m.blocks),
-        width=m.width,
-        n_scales=m.n_scales,
-        reduction=m.reduction,
-        dtype=DTYPES[config.dtype],
-        conv_impl=config.conv_impl,
-    )
-
-
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    o = config.optimizer
-    return optax.adam(o.learning_rate, b1=o.b1, b2=o.b2)
-
-
-def _init_state(rng: jax.Array, model: nn.Module, tx: optax.GradientTransformation, image_size: int) -> TrainState:
-    variables = model.init(rng, jnp.zeros((1, image_size, image_size, 1), jnp.float32), train=False)
-    return TrainState.create(
-        apply_fn=model.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=tx
-    )
-
-
-def abstract_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh) -> TrainState:
-    """Shapes, dtypes and (replicated) shardings of the train state, allocating nothing."""
-    init = functools.partial(_init_state, model=model, tx=make_optimizer(config), image_size=config.image_size)
-    shapes = jax.eval_shape(init, jax.random.key(0))
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=parallel.replicated(mesh)), shapes)
-
-
-def create_train_state(config: ml_collections.ConfigDict, model: nn.Module, mesh: jax.sharding.Mesh) -> TrainState:
-    """A fresh state, born replicated on the mesh; BaseNet weights from `config.init.basenet`."""
-    init = functools.partial(_init_state, model=model, tx=make_optimizer(config), image_size=config.image_size)
-    state = jax.jit(init, out_shardings=parallel.replicated(mesh))(jax.random.key(config.seed))
-    if config.init.basenet:
-        loaded, _ = checkpointing.load_variables(config.init.basenet, kind="siggraph17")
-        params = _overlay(state.params, loaded["params"], config.init.basenet)
-        batch_stats = _overlay(state.batch_stats, loaded["batch_stats"], config.init.basenet)
-        state = state.replace(
-            params=jax.device_put(params, parallel.replicated(mesh)),
-            batch_stats=jax.device_put(batch_stats, parallel.replicated(mesh)),
-        )
-        logging.info("initialised the BaseNet part from %s", config.init.basenet)
-    return state
-
-
-def _overlay(base: Mapping, loaded: Mapping, source: str, prefix: str = "") -> dict:
-    """`base` with every leaf that `loaded` has replaced; `loaded` must be a sub-tree of `base`."""
-    out = dict(base)
-    for key, value in loaded.items():
-        where = f"{prefix}/{key}"
-        if key not in base:
-            raise ValueError(f"{source}: {where} does not exist in this model")
-        if isinstance(value, Mapping):
-            out[key] = _overlay(base[key], value, source, where)
-        elif tuple(np.shape(value)) != tuple(base[key].shape):
-            raise ValueError(
-                f"{source}: {where} has shape {np.shape(value)}, the model wants "
-                f"{tuple(base[key].shape)} (is model.width right?)"
-            )
-        else:
-            out[key] = np.asarray(value, base[key].dtype)
-    return out
 
 
 def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Any:
@@ -138,7 +71,7 @@ def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> A
         size = config.loss.pfanet_size
         variables = jax.jit(module.init)(jax.random.key(config.seed + 1), jnp.zeros((1, size, size, 3)))
     elif config.init.pfanet:
-        variables, _ = checkpointing.load_variables(config.init.pfanet, kind=f"pfanet-{variant}")
+        variables, _ = weights.load_pfanet(config.init.pfanet, variant)
     else:
         raise ValueError(
             "loss.alpha > 0 needs PFANet weights: convert them with "
@@ -149,8 +82,8 @@ def load_pfanet(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> A
 
 
 def train_step(
-    state: TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *, settings: LossSettings
-) -> tuple[TrainState, dict[str, jax.Array]]:
+    state: state_lib.TrainState, batch: Mapping[str, jax.Array], pfanet_variables: Any, *, settings: LossSettings
+) -> tuple[state_lib.TrainState, dict[str, jax.Array]]:
     """One Adam update on a global batch of uint8 RGB images; BN statistics span the global batch."""
     l, ab = colorspace.rgb_uint8_to_l_ab(batch["rgb"])
     saliency_fn = None
@@ -188,31 +121,6 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-
-
-def load_trained(
-    workdir: str, step: int | None = None
-) -> tuple[ml_collections.ConfigDict, nn.Module, dict[str, Any], int]:
-    """A trained model from a workdir: (config, model, {"params", "batch_stats"}, step).
-
-    Raises:
-      ValueError: the workdir has no config.json or no checkpoint.
-    """
-    config_path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{workdir}: no config.json here; is it a training workdir?")
-    with open(config_path, encoding="utf-8") as f:
-        config = ml_collections.ConfigDict(json.load(f))
-    checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-    step = step or checkpointer.latest_step()
-    if not step:
-        raise ValueError(f"{workdir}: no checkpoint in {checkpointer.directory}")
-    model = build_model(config)
-    # Replicated over every device of every process: a one-device mesh is invalid with several processes.
-    abstract = abstract_train_state(config, model, parallel.make_mesh())
-    state = checkpointer.restore_state(step, abstract)
-    checkpointer.close()
-    return config, model, {"params": state.params, "batch_stats": state.batch_stats}, step
 
 
 class PreemptionWatcher:
@@ -258,13 +166,13 @@ def _data_dir(config) -> str | None:
     return config.data.data_dir or None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
     """Trains (resuming from `workdir` if it has a checkpoint) to `config.num_train_steps`."""
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     mesh = parallel.make_mesh(config.num_devices)
-    model = build_model(config)
-    abstract = abstract_train_state(config, model, mesh)
+    model = state_lib.build_model(config)
+    abstract = state_lib.abstract_train_state(config, model, mesh)
     pfanet_variables = load_pfanet(config, mesh)
     step_fn = jit_train_step(config, mesh)
 
@@ -280,17 +188,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     )
     batches = iter(loader)
     checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
-    meta = {"model": checkpointing.jsonable(config.model.to_dict())}
+    meta = {"model": config_util.jsonable(config.model.to_dict())}
     start = checkpointer.latest_step() or 0
     if start:
         checkpointer.check_model(start, config.model.to_dict())
-        state = checkpointer.restore(start, abstract, batches)
+        state = checkpointer.restore(start, abstract, grain.PyGrainCheckpointRestore(batches))
         logging.info("resumed from step %d in %s", start, workdir)
     else:
-        state = create_train_state(config, model, mesh)
+        state = state_lib.create_train_state(config, model, mesh)
     if lead:  # Only now: a config the checkpoint rejected must not replace the workdir's own.
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2))
+        files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
     writer = reporting.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=lead)
     progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)
@@ -318,10 +225,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 )
                 if lead:
                     _append_ids(workdir, step, batch["id"])
+            if saving:  # Before the evaluation: a failing evaluation must not cost the steps.
+                checkpointer.save(step, state, grain.PyGrainCheckpointSave(batches), meta)
             if last or step % config.eval_every_steps == 0:
                 _report_eval(config, state, writer, workdir, step)
-            if saving:
-                checkpointer.save(step, state, batches, meta)
             if stopping:
                 logging.warning("stopped for preemption after step %d; rerun the same command to resume", step)
                 break
@@ -340,15 +247,12 @@ def _append_ids(workdir: str, step: int, ids: np.ndarray) -> None:
 
 def _report_eval(config, state, writer, workdir, step) -> None:
     """The evaluation protocol on held-out images: a report in eval/step_N, scalars and a grid."""
-    # evaluate -> inference -> train: imported here, when first needed.
-    from smsanet_jax import evaluate, inference  # pylint: disable=import-outside-toplevel
-
     colorizer = inference.Colorizer(
         state.apply_fn,
         {"params": state.params, "batch_stats": state.batch_stats},
-        {"source": workdir, "step": step, "params_sha256": None, "config": checkpointing.jsonable(config.to_dict())},
+        {"source": workdir, "step": step, "params_sha256": None, "config": config_util.jsonable(config.to_dict())},
     )
-    images = evaluate.DatasetImages(
+    images = evaluation.DatasetImages(
         config.data.name,
         config.data.eval_split,
         data_dir=_data_dir(config),
@@ -356,23 +260,17 @@ def _report_eval(config, state, writer, workdir, step) -> None:
         num_images=config.eval_num_examples,
         seed=config.seed,
     )
-    out_dir = os.path.join(workdir, "eval", f"step_{step:07d}")
-    summary = evaluate.evaluate(
+    result = evaluation.evaluate_to_folder(
         colorizer,
         images,
-        out_dir,
+        os.path.join(workdir, "eval", f"step_{step:07d}"),
+        overwrite=True,
         batch_size=config.eval_batch_size,
         num_devices=config.num_devices,
-        overwrite=True,
-        stream=io.StringIO(),
     )
-    writer.scalars(step, {f"eval/{k}": summary[k]["mean"] for k in evaluate.METRICS})
+    means = {k: result.summary[k]["mean"] for k in evaluation.METRICS}
+    writer.scalars(step, {f"eval/{k}": v for k, v in means.items()})
     logging.info(
-        "step %d eval on %d images: %s",
-        step,
-        summary["n"],
-        ", ".join(f"{k} {summary[k]['mean']:.4f}" for k in evaluate.METRICS),
+        "step %d eval on %d images: %s", step, result.summary["n"], ", ".join(f"{k} {v:.4f}" for k, v in means.items())
     )
-    if jax.process_index() == 0:
-        grid = np.asarray(Image.open(os.path.join(out_dir, "grid.png")).convert("RGB"))
-        writer.image(step, "eval/gray_prediction_truth", grid)
+    writer.image(step, "eval/gray_prediction_truth", result.grid)

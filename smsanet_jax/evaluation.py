@@ -2,8 +2,7 @@
 
 Every image is resized so that its short side is 256 (bicubic, antialiased) and centre-cropped to
 256x256; the prediction is the ground truth's L with the predicted ab, converted to sRGB and
-rounded to uint8, and both are scored per image (`metrics`), then averaged. `evaluate` writes to
-its output folder:
+rounded to uint8, and both are scored per image (`metrics`), then averaged. The report holds:
 
   summary.json     mean, std and 95% confidence interval of every metric, n, the model (source,
                    checkpoint step, params hash, config), the data and protocol, the image list and
@@ -12,6 +11,9 @@ its output folder:
   images.txt       the scored images, one name per line, sorted by id (dataset index / file path)
   grid.png         gray | prediction | truth for the best, median and worst image by PSNR
   predictions/, truth/   with `save_images`: every 256x256 prediction and ground truth as PNG
+
+`evaluate` computes the scores and the grid and returns them; `evaluate_to_folder` also writes the
+report, all or nothing; `format_table` is the short table the command prints.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -40,7 +41,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from scipy import stats
 
-from smsanet_jax import colorspace, data, metrics, parallel, reporting
+from smsanet_jax import colorspace, data, files, image_files, metrics, parallel, reporting
 from smsanet_jax.data import decode, image_folder, transforms
 from smsanet_jax.inference import Colorizer
 
@@ -160,14 +161,13 @@ class FolderImages(EvalImages):
 
     def _iterate(self, id_batches: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
         with concurrent.futures.ThreadPoolExecutor(self._threads) as pool:
-            # One batch is decoded ahead while the devices work on the current one.
-            submit = lambda ids: [pool.submit(self._example, int(i)) for i in ids]
-            pending = submit(id_batches[0]) if len(id_batches) else []
-            for k, ids in enumerate(id_batches):
-                current = pending
-                pending = submit(id_batches[k + 1]) if k + 1 < len(id_batches) else []
-                examples = [f.result() for f in current]
-                yield {"rgb": np.stack([e[0] for e in examples]), "id": ids, "mask": np.array([e[1] for e in examples])}
+            for ids, pending in image_files.prefetch(list(id_batches), lambda i: self._example(int(i)), pool):
+                examples = [f.result() for f in pending]
+                yield {
+                    "rgb": np.stack([e[0] for e in examples]),
+                    "id": ids,
+                    "mask": np.array([e[1] for e in examples]),
+                }
 
 
 class DatasetImages(EvalImages):
@@ -273,42 +273,95 @@ def comparison_grid(truth: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return reporting.image_grid([[g, p, t] for g, p, t in zip(gray, pred, truth)])
 
 
-def evaluate(
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` found: the summary (summary.json), per-image values and the comparison grid."""
+
+    summary: dict[str, Any]
+    names: list[str]  # The scored images, in id order (images.txt).
+    values: dict[str, np.ndarray]  # Metric -> per-image values, in `names` order.
+    grid: np.ndarray  # uint8 RGB: gray | prediction | truth for the best, median and worst image.
+
+
+def check_report_folder(out_dir: str, overwrite: bool) -> str:
+    """Checks, before any scoring, that `out_dir` can take a report; returns it absolute.
+
+    Raises:
+      ValueError: `out_dir` is a file or not writable, or holds a report and `overwrite` is False.
+    """
+    out_dir = files.check_output_folder(out_dir, "--out")
+    existing = [f for f in _OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
+    if existing and not overwrite:
+        raise ValueError(
+            f"--out {out_dir}: already holds an evaluation ({', '.join(existing)}); use --overwrite or another --out"
+        )
+    return out_dir
+
+
+def evaluate_to_folder(
     colorizer: Colorizer,
     images: EvalImages,
     out_dir: str,
     *,
+    overwrite: bool = False,
+    save_images: bool = False,
+    **options: Any,
+) -> Evaluation:
+    """Scores `colorizer` on `images` and writes the whole report to `out_dir`, or nothing.
+
+    The report is built in a temporary folder beside `out_dir` and swapped in at the end
+    (`files.replace_folder`), so a failure (a write error, a full disk, an interrupt) leaves the
+    previous report whole and no stray files; with `overwrite`, nothing of the old report (stale
+    prediction images included) survives the new one. Only process 0 writes.
+
+    Args:
+      colorizer, images: as `evaluate`.
+      out_dir: the report folder (see the module docstring).
+      overwrite: replace a report already in `out_dir`.
+      save_images: also write every prediction and ground truth (256x256 PNG).
+      **options: `batch_size`, `num_devices` of `evaluate`.
+
+    Raises:
+      ValueError: see `check_report_folder` and `evaluate`.
+    """
+    out_dir = check_report_folder(out_dir, overwrite)
+    if jax.process_index() > 0:
+        return evaluate(colorizer, images, save_images=save_images, **options)
+    with files.replace_folder(out_dir) as staging:
+        result = evaluate(
+            colorizer, images, images_dir=staging if save_images else None, save_images=save_images, **options
+        )
+        write_report(staging, result)
+    return result
+
+
+def evaluate(
+    colorizer: Colorizer,
+    images: EvalImages,
+    *,
     batch_size: int = 16,
     num_devices: int = 0,
     save_images: bool = False,
-    overwrite: bool = False,
-    stream=None,
-) -> dict[str, Any]:
-    """Scores `colorizer` on `images` and writes the report (see the module docstring) to `out_dir`.
+    images_dir: str | None = None,
+) -> Evaluation:
+    """Scores `colorizer` on `images` (see the module docstring); writes nothing but `images_dir`.
 
     Args:
       colorizer: the model (`inference.load_colorizer`).
       images: `FolderImages` or `DatasetImages`.
-      out_dir: the report folder (created).
       batch_size: global batch; rounded up to a multiple of the number of devices.
       num_devices: use the first N devices (0: all devices of all processes).
-      save_images: also write every prediction and ground truth (256x256 PNG).
-      overwrite: replace an existing report in `out_dir`.
-      stream: where the result table goes (process 0; default stdout).
+      save_images: gather every prediction and ground truth (every process must pass the same).
+      images_dir: with `save_images`, where process 0 writes them (predictions/, truth/).
 
     Returns:
-      The summary (what summary.json holds).
+      The summary, per-image values and the grid.
 
     Raises:
-      ValueError: `out_dir` already holds a report and `overwrite` is False, or nothing was readable.
+      ValueError: a bad batch size, or nothing was readable.
     """
-    lead = jax.process_index() == 0
-    existing = [f for f in _OUTPUTS if os.path.exists(os.path.join(out_dir, f))]
-    if existing and not overwrite:
-        raise ValueError(
-            f"{out_dir} already holds an evaluation ({', '.join(existing)}); use --overwrite or another --out"
-        )
-    os.makedirs(out_dir, exist_ok=True)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
     mesh = parallel.make_mesh(num_devices)
     global_batch = parallel.round_up_to_devices(batch_size, mesh)
     if global_batch != batch_size:
@@ -320,21 +373,23 @@ def evaluate(
 
     started = time.perf_counter()
     num_batches, batches = images.batches(parallel.local_batch_size(global_batch, mesh))
-    progress = reporting.Progress(num_batches, global_batch, enabled=lead)
+    progress = reporting.Progress(num_batches, global_batch, enabled=jax.process_index() == 0)
     scores = _Scores()
     every = max(1, num_batches // 50)
+    keys = (*METRICS, "pred_rgb", "rgb") if save_images else METRICS
 
-    def collect(k: int, batch: dict[str, np.ndarray], out: dict[str, jax.Array], placed: dict) -> None:
-        scores.add(_gather(out, placed))
-        if save_images:
-            _save_images(images, out_dir, batch, parallel.local_rows(out["pred_rgb"]))
+    def collect(k: int, out: dict[str, jax.Array], placed: dict) -> None:
+        host = _gather({**out, "rgb": placed["rgb"]}, placed, keys)
+        scores.add(host)
+        if images_dir:
+            _save_images(images, images_dir, host)
         if (k + 1) % every == 0 or k + 1 == num_batches:
             progress.update(k + 1)
 
     # Results are fetched one batch late, so the next batch is read while the devices compute.
     pending = None
     for k, batch in enumerate(batches):
-        current = (k, batch, *_dispatch(eval_fn, variables, batch, mesh))
+        current = (k, *_dispatch(eval_fn, variables, batch, mesh))
         if pending:
             collect(*pending)
         pending = current
@@ -363,10 +418,7 @@ def evaluate(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "versions": _versions(),
     }
-    if lead:
-        _write_report(out_dir, summary, names, values, grid)
-        print(format_table(summary), file=stream or sys.stdout, flush=True)
-    return summary
+    return Evaluation(summary, names, values, grid)
 
 
 def _dispatch(eval_fn, variables, batch: dict[str, np.ndarray], mesh) -> tuple[dict[str, jax.Array], dict]:
@@ -471,30 +523,19 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_report(
-    out_dir: str, summary: dict[str, Any], names: list[str], values: dict[str, np.ndarray], grid: np.ndarray
-) -> None:
-    _write_text(os.path.join(out_dir, "images.txt"), _lines(names))
+def write_report(out_dir: str, result: Evaluation) -> None:
+    """Writes summary.json, per_image.csv, images.txt and grid.png into `out_dir` (each atomically)."""
+    files.write_text(os.path.join(out_dir, "images.txt"), _lines(result.names))
     rows = io.StringIO()
     writer = csv.writer(rows, lineterminator="\n")
     writer.writerow(["name", *METRICS])
-    for i, name in enumerate(names):
-        writer.writerow([name, *(repr(float(values[k][i])) for k in METRICS)])
-    _write_text(os.path.join(out_dir, "per_image.csv"), rows.getvalue())
-    reporting.write_png(os.path.join(out_dir, "grid.png"), grid)
+    for i, name in enumerate(result.names):
+        writer.writerow([name, *(repr(float(result.values[k][i])) for k in METRICS)])
+    files.write_text(os.path.join(out_dir, "per_image.csv"), rows.getvalue())
+    reporting.write_png(os.path.join(out_dir, "grid.png"), result.grid)
     # Last: a summary.json means the report is complete.
-    _write_text(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2, allow_nan=False) + "\n")
+    summary = json.dumps(result.summary, indent=2, allow_nan=False) + "\n"
+    files.write_text(os.path.join(out_dir, "summary.json"), summary)
 
 
 def image_file_name(name: str) -> str:
@@ -503,15 +544,13 @@ def image_file_name(name: str) -> str:
     return os.path.join(*parts[:-1], os.path.splitext(parts[-1])[0] + ".png") if parts else "unnamed.png"
 
 
-def _save_images(images: EvalImages, out_dir: str, batch: dict[str, np.ndarray], pred: np.ndarray) -> None:
-    for example_id, keep, truth, prediction in zip(batch["id"], batch["mask"], batch["rgb"], pred):
-        if not keep:
-            continue
-        relative = image_file_name(images.name(int(example_id)))
-        for folder, image in (("predictions", prediction), ("truth", truth)):
-            path = os.path.join(out_dir, folder, relative)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            reporting.write_png(path, np.asarray(image))
+def _save_images(images: EvalImages, out_dir: str, host: dict[str, np.ndarray]) -> None:
+    """Writes the gathered predictions and ground truths of one batch (masked rows skipped)."""
+    for example_id, keep, truth, prediction in zip(host["id"], host["mask"], host["rgb"], host["pred_rgb"]):
+        if keep:
+            relative = image_file_name(images.name(int(example_id)))
+            for folder, image in (("predictions", prediction), ("truth", truth)):
+                reporting.write_png(os.path.join(out_dir, folder, relative), np.asarray(image))
 
 
 def format_table(summary: dict[str, Any]) -> str:

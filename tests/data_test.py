@@ -311,15 +311,20 @@ def test_folder_with_every_bad_input_prepares_converts_and_skips(tmp_path):
     assert iterator.skipped == {"unreadable": 0, "near-grayscale": 0}
 
 
+def _colour_folder(folder, names=("a.png", "b.png", "c.png")):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names):
+        Image.new("RGB", (40, 30), (10 + 20 * i, 200, 30)).save(folder / name)
+    return folder
+
+
 def test_folder_is_reused_until_its_files_change(tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    Image.new("RGB", (40, 30), (10, 200, 30)).save(folder / "a.png")
+    folder = _colour_folder(tmp_path / "photos")
     first = data.prepare("folder:" + str(folder), data_dir=str(tmp_path / "tfds"))
     assert not first.reused
     again = data.prepare("folder", source=str(folder), data_dir=str(tmp_path / "tfds"))
     assert again.reused and again.path == first.path
-    Image.new("RGB", (40, 30), (200, 10, 30)).save(folder / "b.png")
+    Image.new("RGB", (40, 30), (200, 10, 30)).save(folder / "d.png")
     changed = data.prepare(str(folder), data_dir=str(tmp_path / "tfds"))
     assert not changed.reused and changed.path != first.path
 
@@ -371,7 +376,12 @@ def _unchecked_folder_dataset(folder, data_dir, files: dict):
         (folder / name).write_bytes(content)
     listing = image_folder.list_folder(str(folder))
     image_folder.SmsanetImageFolder(
-        listing=listing, splits={"train": sorted(files)}, skipped=[], data_dir=data_dir, file_format="array_record"
+        key=image_folder.dataset_key(listing, data_dir),
+        listing=listing,
+        splits={"train": sorted(files)},
+        skipped=[],
+        data_dir=data_dir,
+        file_format="array_record",
     ).download_and_prepare()
     return "folder:" + str(folder)
 
@@ -392,17 +402,15 @@ def test_unreadable_and_gray_examples_are_skipped_and_counted_at_read_time(tmp_p
     assert evaluated[0]["mask"].sum() == 3  # Gray images are evaluated; the broken one is masked.
 
 
-def test_a_shard_of_only_unusable_examples_stops_with_an_error(tmp_path, monkeypatch):
+def test_a_shard_of_only_unreadable_examples_stops_with_an_error(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "MAX_CONSECUTIVE_SKIPS", 10)
     name = _unchecked_folder_dataset(tmp_path / "photos", str(tmp_path / "tfds"), {"bad.jpg": b"", "x.png": b"0"})
-    with pytest.raises(RuntimeError, match="10 training examples in a row were unusable"):
+    with pytest.raises(ValueError, match="10 training examples in a row were unreadable .*prepare it again"):
         _take(_train(str(tmp_path / "tfds"), name=name), 1)
 
 
 def test_tfrecord_dataset_gets_the_convert_command(tmp_path):
-    (tmp_path / "photos").mkdir()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "photos" / "a.png")
-    info = data.prepare(str(tmp_path / "photos"), data_dir=str(tmp_path / "tfds"))
+    info = data.prepare(str(_colour_folder(tmp_path / "photos")), data_dir=str(tmp_path / "tfds"))
     # Pretend it was written as tfrecord (writing one for real needs TensorFlow).
     path = os.path.join(info.path, "dataset_info.json")
     with open(path) as f:

@@ -1,17 +1,40 @@
-"""tfds builder for a local folder of images, keyed by a hash of the folder's path and file listing."""
+"""tfds builder for a local folder of images, keyed by the folder's content (not its file times).
+
+Listing: image files are found by extension, recursively, skipping hidden files and folders.
+Symbolic links are followed, folders at most once, so a link loop (or a second link to a folder
+already listed) is skipped rather than walked forever. Dangling links, link loops and anything
+that is not a regular file (a FIFO, a socket, a device) are never opened: `list_folder` returns
+them as skipped entries with a reason.
+
+Splits: top-level `train/`, `val/` (or `validation/`) and `test/` subfolders name the splits.
+Without them a file goes to `validation` when a hash of its relative path falls in the lowest
+VALIDATION_PERCENT of 100 buckets, independently of the other files; if that leaves validation
+(or train) empty in a folder of two or more readable images, the file with the smallest
+(largest) path hash moves there, so every such folder can be trained *and* evaluated. A folder
+with only one readable image is an error at preparation: evaluation needs a validation image.
+
+Identity: a prepared folder dataset is named `<folder name>-<hash of its relative paths, sizes
+and file content hashes>`, so touching or copying the files (new times, same bytes) finds the
+same prepared data, and a training run stays resumable. Hashing reads every file once; a small
+cache under the data dir maps a listing with its file times to the content key, so unchanged
+folders are only listed, not read, when a run starts.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
 import re
+import stat
 
 import tensorflow_datasets as tfds
 import tqdm
 
+from smsanet_jax import files as file_io
 from smsanet_jax.data import decode
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
@@ -22,11 +45,14 @@ VALIDATION_PERCENT = 5
 BUILDER_NAME = "smsanet_image_folder"
 _VERSION = "1.0.0"
 # Part of the key: bump it when what the builder writes changes, so stale data is not reused.
-_LAYOUT = "1"
+_LAYOUT = "2"
+# Listing fingerprint -> content key: a folder of small files in the data dir.
+_KEY_CACHE = ".smsanet_folder_keys"
 # Readability is checked on a reduced-size decode (JPEG DCT scaling): it reads every byte, so a
 # truncated or corrupt file still fails, at a fraction of the cost of a full decode.
 _CHECK_SIZE = 64
 _MAX_LOGGED_SKIPS = 10
+_HASH_CHUNK = 1 << 20
 
 
 def image_features() -> tfds.features.FeaturesDict:
@@ -38,27 +64,67 @@ def image_features() -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict({"image": tfds.features.Image(), "file_name": tfds.features.Text()})
 
 
+def _stat(path: str) -> tuple[os.stat_result | None, str | None]:
+    """(stat following links, None), or (None, why the path cannot be read as a file or folder)."""
+    try:
+        return os.stat(path), None
+    except FileNotFoundError:
+        return None, "dangling symbolic link" if os.path.islink(path) else "no such file"
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return None, "symbolic link loop"
+        return None, e.strerror or str(e)
+
+
+def _kind_problem(mode: int) -> str | None:
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISFIFO(mode):
+        return "not a regular file (a FIFO): not opened"
+    if stat.S_ISSOCK(mode):
+        return "not a regular file (a socket): not opened"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "not a regular file (a device): not opened"
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    return "not a regular file: not opened"
+
+
+def regular_file_problem(path: str) -> str | None:
+    """None if `path` is a regular file (after following links), else why not, without opening it.
+
+    For paths a user gives directly (the colorize command): a FIFO named `photo.jpg` would block
+    a reader forever, a dangling link or a link loop would raise deep inside a decoder.
+    """
+    st, problem = _stat(path)
+    return problem or _kind_problem(st.st_mode)
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderListing:
-    """The image files under a folder, with what identifies their content cheaply."""
+    """The image files under a folder, with what identifies their state cheaply."""
 
     root: str
     files: tuple[tuple[str, int, int], ...]  # (relative POSIX path, size, mtime_ns), sorted.
+    skipped: tuple[tuple[str, str], ...] = ()  # (relative path, reason): entries not listed.
 
     @property
-    def key(self) -> str:
-        """`<folder name>-<hash of path and listing>`: a new key whenever a file changes."""
-        digest = hashlib.sha256(repr((_LAYOUT, self.root, self.files)).encode()).hexdigest()
-        slug = re.sub(r"[^a-z0-9]+", "_", os.path.basename(self.root).lower()).strip("_")
-        return f"{slug or 'folder'}-{digest[:16]}"
+    def relpaths(self) -> list[str]:
+        return [f[0] for f in self.files]
 
-    def builder_dir(self, data_dir: str) -> str:
-        """Where the prepared dataset lives (or will live) under `data_dir`."""
-        return os.path.join(data_dir, BUILDER_NAME, self.key, _VERSION)
+    @property
+    def slug(self) -> str:
+        """The folder's name, lower case, `_` for anything else: the readable part of keys."""
+        return re.sub(r"[^a-z0-9]+", "_", os.path.basename(self.root).lower()).strip("_") or "folder"
+
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the path, the file names, sizes and times: changes whenever a file is touched."""
+        return hashlib.sha256(repr((_LAYOUT, self.root, self.files)).encode()).hexdigest()[:32]
 
 
 def list_folder(root: str) -> FolderListing:
-    """Lists image files (by extension, recursively, skipping hidden files and folders).
+    """Lists image files (see the module docstring for the rules); logs the entries it skips.
 
     Raises:
       ValueError: `root` is not a folder or holds no image file.
@@ -66,27 +132,112 @@ def list_folder(root: str) -> FolderListing:
     root = os.path.realpath(os.path.expanduser(root))
     if not os.path.isdir(root):
         raise ValueError(f"{root}: not a folder")
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        for name in names:
-            if name.startswith(".") or os.path.splitext(name)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
-            path = os.path.join(directory, name)
-            stat = os.stat(path)
-            relpath = os.path.relpath(path, root).replace(os.sep, "/")
-            files.append((relpath, stat.st_size, stat.st_mtime_ns))
-    if not files:
+    found, skipped = [], []
+    _walk(root, "", {_inode(os.stat(root))}, found, skipped)
+    _log_skipped(f"{root}: skipping {len(skipped)} entries that are not image files", skipped)
+    if not found:
         extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ValueError(f"{root}: no image files ({extensions}) in it or below")
-    return FolderListing(root, tuple(sorted(files)))
+        also = f" (skipped: {_first_few(skipped)})" if skipped else ""
+        raise ValueError(f"{root}: no image files ({extensions}) in it or below{also}")
+    return FolderListing(root, tuple(sorted(found)), tuple(sorted(skipped)))
+
+
+def _inode(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _walk(root: str, relative: str, listed: set, found: list, skipped: list) -> None:
+    """Adds the image files of `root/relative` to `found`, recursively; problems to `skipped`."""
+    try:
+        with os.scandir(os.path.join(root, relative)) as entries:
+            names = sorted(e.name for e in entries if not e.name.startswith("."))
+    except OSError as e:
+        skipped.append((relative or ".", f"cannot list the folder: {e.strerror or e}"))
+        return
+    for name in names:
+        relpath = f"{relative}/{name}" if relative else name
+        is_image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+        st, problem = _stat(os.path.join(root, relpath))
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            if _inode(st) in listed:
+                skipped.append((relpath, "symbolic link to a folder listed already (a loop or a second path)"))
+            else:
+                listed.add(_inode(st))
+                _walk(root, relpath, listed, found, skipped)
+        elif problem:  # A broken link (any name: it may have been meant as a folder).
+            skipped.append((relpath, problem))
+        elif is_image:
+            problem = _kind_problem(st.st_mode)
+            if problem:
+                skipped.append((relpath, problem))
+            else:
+                found.append((relpath, st.st_size, st.st_mtime_ns))
+
+
+def _first_few(entries) -> str:
+    named = "; ".join(f"{p} ({r})" for p, r in entries[:_MAX_LOGGED_SKIPS])
+    more = len(entries) - _MAX_LOGGED_SKIPS
+    return named + (f"; and {more} more" if more > 0 else "")
+
+
+def _log_skipped(what: str, entries) -> None:
+    if entries:
+        logging.warning("%s: %s", what, _first_few(entries))
+
+
+def _file_digest(path: str) -> str:
+    """SHA-256 of a file's bytes (or of why it cannot be read: it is then skipped as unreadable)."""
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_HASH_CHUNK):
+                digest.update(chunk)
+    except OSError as e:
+        return f"unreadable: {e.strerror or e}"
+    return digest.hexdigest()
+
+
+def content_key(listing: FolderListing) -> str:
+    """`<folder name>-<hash of relative paths, sizes and content>`: reads every file once (threads)."""
+    paths = [os.path.join(listing.root, p) for p in listing.relpaths]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(
+            tqdm.tqdm(pool.map(_file_digest, paths), total=len(paths), desc="hashing images", unit=" images")
+        )
+    content = [(relpath, size, d) for (relpath, size, _), d in zip(listing.files, digests)]
+    return f"{listing.slug}-{hashlib.sha256(repr((_LAYOUT, content)).encode()).hexdigest()[:16]}"
+
+
+def dataset_key(listing: FolderListing, data_dir: str) -> str:
+    """The content key of `listing`, from the cache under `data_dir` when the files are unchanged."""
+    cached = os.path.join(data_dir, _KEY_CACHE, listing.fingerprint)
+    try:
+        with open(cached, encoding="utf-8") as f:
+            return f.read().strip()
+    except OSError:
+        pass
+    key = content_key(listing)
+    try:
+        file_io.write_text(cached, key)
+    except OSError as e:  # A read-only data dir: the key is recomputed next time, nothing else.
+        logging.info("cannot cache the content key of %s in %s: %s", listing.root, cached, e)
+    return key
+
+
+def builder_dir(data_dir: str, key: str) -> str:
+    """Where the prepared dataset of content key `key` lives (or will live) under `data_dir`."""
+    return os.path.join(data_dir, BUILDER_NAME, key, _VERSION)
 
 
 def assign_splits(relpaths: list[str]) -> dict[str, list[str]]:
     """Split name -> files: by top-level split folder if there is one, else by a hash of the path.
 
     The hash rule puts each file in `validation` with probability VALIDATION_PERCENT / 100,
-    independently of the other files, so adding images never moves existing ones between splits.
+    independently of the other files, so adding images never moves existing ones between splits
+    (except the one a fallback moved: see the module docstring).
+
+    Raises:
+      ValueError: no split folders and fewer than two files (no validation image possible).
     """
     by_folder = {path: SPLIT_FOLDERS.get(path.split("/")[0].lower()) for path in relpaths if "/" in path}
     if any(by_folder.values()):
@@ -100,11 +251,27 @@ def assign_splits(relpaths: list[str]) -> dict[str, list[str]]:
                 "%d images outside the split folders (%s) are not used", ignored, ", ".join(sorted(SPLIT_FOLDERS))
             )
         return splits
-    splits = {}
-    for path in relpaths:
-        bucket = int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % 100
-        splits.setdefault("validation" if bucket < VALIDATION_PERCENT else "train", []).append(path)
-    return splits
+    if not relpaths:
+        return {}
+    if len(relpaths) == 1:
+        raise ValueError(
+            f"only one readable image ({relpaths[0]}): training evaluates on a validation split, which needs "
+            "a second image; add images (or train/ and val/ subfolders)"
+        )
+    by_hash = sorted(relpaths, key=lambda path: hashlib.sha256(path.encode()).digest())
+    validation = {path for path in relpaths if _bucket(path) < VALIDATION_PERCENT}
+    if not validation:
+        validation = {by_hash[0]}
+    elif len(validation) == len(relpaths):
+        validation.discard(by_hash[-1])
+    return {
+        "train": [p for p in relpaths if p not in validation],
+        "validation": [p for p in relpaths if p in validation],
+    }
+
+
+def _bucket(path: str) -> int:
+    return int.from_bytes(hashlib.sha256(path.encode()).digest()[:8], "big") % 100
 
 
 def _check_image(path: str) -> str | None:
@@ -123,7 +290,7 @@ def check_images(listing: FolderListing) -> tuple[list[str], list[tuple[str, str
     Raises:
       ValueError: no file is readable.
     """
-    relpaths = [f[0] for f in listing.files]
+    relpaths = listing.relpaths
     paths = [os.path.join(listing.root, p) for p in relpaths]
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
         reasons = list(
@@ -131,14 +298,7 @@ def check_images(listing: FolderListing) -> tuple[list[str], list[tuple[str, str
         )
     readable = [p for p, r in zip(relpaths, reasons) if r is None]
     skipped = [(p, r) for p, r in zip(relpaths, reasons) if r is not None]
-    if skipped:
-        logging.warning(
-            "skipping %d of %d files that are not readable images: %s%s",
-            len(skipped),
-            len(relpaths),
-            "; ".join(f"{p} ({r})" for p, r in skipped[:_MAX_LOGGED_SKIPS]),
-            " ..." if len(skipped) > _MAX_LOGGED_SKIPS else "",
-        )
+    _log_skipped(f"skipping {len(skipped)} of {len(relpaths)} files that are not readable images", skipped)
     if not readable:
         raise ValueError(
             f"{listing.root}: none of its {len(relpaths)} image files could be decoded, e.g. "
@@ -148,19 +308,25 @@ def check_images(listing: FolderListing) -> tuple[list[str], list[tuple[str, str
 
 
 class SmsanetImageFolder(tfds.core.GeneratorBasedBuilder):
-    """The images of one folder (one config per folder listing), stored as their original bytes."""
+    """The images of one folder (one config per content key), stored as their original bytes."""
 
     name = BUILDER_NAME
     VERSION = tfds.core.Version(_VERSION)
     RELEASE_NOTES = {_VERSION: "Original file bytes and relative paths."}
 
     def __init__(
-        self, *, listing: FolderListing, splits: dict[str, list[str]], skipped: list[tuple[str, str]], **kwargs
+        self,
+        *,
+        key: str,
+        listing: FolderListing,
+        splits: dict[str, list[str]],
+        skipped: list[tuple[str, str]],
+        **kwargs,
     ):
         self._listing = listing
         self._splits = splits
         self._skipped = skipped
-        super().__init__(config=tfds.core.BuilderConfig(name=listing.key, description=listing.root), **kwargs)
+        super().__init__(config=tfds.core.BuilderConfig(name=key, description=listing.root), **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
@@ -180,14 +346,27 @@ class SmsanetImageFolder(tfds.core.GeneratorBasedBuilder):
                 yield relpath, {"image": f.read(), "file_name": relpath}
 
 
-def build(listing: FolderListing, data_dir: str) -> None:
+def build(listing: FolderListing, data_dir: str, key: str) -> None:
     """Checks every image of `listing` and writes the dataset (array_record) under `data_dir`.
 
+    The unreadable files are recorded in the dataset's metadata (`skipped`): they are part of
+    the content, unlike the entries `list_folder` skipped (links, FIFOs), which are reported anew
+    each time the folder is listed.
+
     Raises:
-      ValueError: no readable image.
+      ValueError: no readable image, or a single one in a folder without split subfolders.
     """
-    readable, skipped = check_images(listing)
+    readable, unreadable = check_images(listing)
+    try:
+        splits = assign_splits(readable)
+    except ValueError as e:
+        raise ValueError(f"{listing.root}: {e}") from None
     builder = SmsanetImageFolder(
-        listing=listing, splits=assign_splits(readable), skipped=skipped, data_dir=data_dir, file_format="array_record"
+        key=key,
+        listing=listing,
+        splits=splits,
+        skipped=unreadable,
+        data_dir=data_dir,
+        file_format="array_record",
     )
     builder.download_and_prepare()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -14,6 +15,12 @@ from smsanet_jax.data import decode, sources, transforms
 
 # Zhang et al.'s `ab_thresh`: training crops whose a range + b range is below this are skipped.
 DEFAULT_GRAY_THRESHOLD = 5.0
+# The largest a range + b range any sRGB crop can have (a in [-86.2, 98.2], b in [-107.9, 94.5]):
+# a threshold at or above it skips every crop.
+_MAX_AB_SPREAD = 386.8
+# Decoded training images kept in memory per process (split between its worker processes), so a
+# small dataset of large photos is decoded once, not once per crop. Filled first come, first kept.
+DEFAULT_DECODE_CACHE_BYTES = 256 << 20
 # A training shard in which this many examples in a row are unusable is broken data, not bad luck:
 # stop with an error instead of filtering forever.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -40,21 +47,50 @@ class _SkipLog:
             )
 
 
+class _DecodedImages:
+    """Decoded images by record id, up to a byte budget (first come, first kept; never evicted).
+
+    One cache serves one loader, so one target size: what `decode.decode_rgb` returns for it is
+    what is kept, and a cached image gives exactly the crops a fresh decode gives. Keeping the
+    first images that fit (rather than evicting) costs nothing on datasets far larger than the
+    budget, where no policy would hit often.
+    """
+
+    def __init__(self, target_size: int, max_bytes: int):
+        self._size = target_size
+        self._max_bytes = max_bytes
+        self._images: dict[int, object] = {}
+        self._bytes = 0
+
+    def get(self, record: dict):
+        """The decoded image of `record` (raises decode.UnreadableImageError, never cached)."""
+        key = int(record["id"])
+        image = self._images.get(key)
+        if image is None:
+            image = decode.decode_rgb(record["image"], target_size=self._size)
+            size = image.width * image.height * 3
+            if self._bytes + size <= self._max_bytes:
+                self._images[key] = image
+                self._bytes += size
+        return image
+
+
 class _TrainExample(grain.transforms.Map):
     """Record -> {"rgb", "id"}: decode, short-side resize, random crop and flip; or a skip marker.
 
     The crop and flip are drawn from the seed and the record's position in the *global* stream,
-    so they do not depend on the number of processes or workers.
+    so they do not depend on the number of processes or workers, nor on the decode cache.
     """
 
-    def __init__(self, image_size: int, gray_threshold: float, seed: int):
+    def __init__(self, image_size: int, gray_threshold: float, seed: int, cache_bytes: int):
         self._size = image_size
         self._gray_threshold = gray_threshold
         self._seed = seed
+        self._images = _DecodedImages(image_size, cache_bytes)
 
     def map(self, record: dict) -> dict:
         try:
-            image = decode.decode_rgb(record["image"], target_size=self._size)
+            image = self._images.get(record)
         except decode.UnreadableImageError as e:
             return {"skip": _UNREADABLE, "reason": f"unreadable ({e})", "name": record["name"]}
         rng = np.random.default_rng([self._seed, record["position"]])
@@ -64,7 +100,7 @@ class _TrainExample(grain.transforms.Map):
             if spread < self._gray_threshold:
                 return {
                     "skip": _GRAY,
-                    "reason": f"near-grayscale crop (ab spread {spread:.2f})",
+                    "reason": f"near-grayscale crop (ab spread {spread:.2f} < gray_threshold {self._gray_threshold:g})",
                     "name": record["name"],
                 }
         return {"rgb": rgb, "id": record["id"]}
@@ -91,28 +127,28 @@ class _GlobalStream:
         self._chunk = local_batch_size
         self._process_index = process_index
         self._process_count = process_count
-        self._epoch, self._order = -1, None
 
     def __len__(self) -> int:
         return self._LENGTH
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:  # Each worker keeps the current epoch's order.
-            self._order = np.random.default_rng([self._seed, epoch]).permutation(len(self._source))
-            self._epoch = epoch
-        return self._order
 
     def __getitem__(self, index: int) -> dict:
         chunk, offset = divmod(int(index), self._chunk)
         position = (chunk * self._process_count + self._process_index) * self._chunk + offset
         epoch, i = divmod(position, len(self._source))
-        return {**self._source[int(self._permutation(epoch)[i])], "position": position}
+        return {**self._source[int(_permutation(self._seed, epoch, len(self._source))[i])], "position": position}
 
     def __repr__(self) -> str:
         return (
             f"GlobalStream({self._source!r}, process {self._process_index} of "
             f"{self._process_count}, chunks of {self._chunk})"
         )
+
+
+# grain's reader threads call `_GlobalStream.__getitem__` concurrently, across epoch boundaries too:
+# a cache keyed by the epoch (thread-safe) gives each read its own epoch's order.
+@functools.lru_cache(maxsize=4)
+def _permutation(seed: int, epoch: int, num_records: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(num_records)
 
 
 class _DropSkipped(grain.transforms.Filter):
@@ -125,7 +161,7 @@ class _DropSkipped(grain.transforms.Filter):
 
     def __init__(self):
         self._counts = {_UNREADABLE: 0, _GRAY: 0}
-        self._in_a_row = 0
+        self._in_a_row = dict.fromkeys(self._counts, 0)
         self._log = _SkipLog()
 
     def filter(self, example: dict) -> bool:
@@ -133,17 +169,31 @@ class _DropSkipped(grain.transforms.Filter):
         if kind is None:
             example.update({k: np.int32(v) for k, v in self._counts.items()})
             self._counts = dict.fromkeys(self._counts, 0)
-            self._in_a_row = 0
+            self._in_a_row = dict.fromkeys(self._counts, 0)
             return True
         self._counts[kind] += 1
-        self._in_a_row += 1
+        self._in_a_row[kind] += 1
         self._log(example["name"], example["reason"])
-        if self._in_a_row >= MAX_CONSECUTIVE_SKIPS:
-            raise RuntimeError(
-                f"{self._in_a_row} training examples in a row were unusable (last: {example['name']}, "
-                f"{example['reason']}): the data is broken, or gray_threshold is too high"
-            )
+        if sum(self._in_a_row.values()) >= MAX_CONSECUTIVE_SKIPS:
+            raise ValueError(_no_usable_examples(self._in_a_row, example))
         return False
+
+
+def _no_usable_examples(in_a_row: dict[str, int], last: dict) -> str:
+    """The one-line error for a stream that yields nothing usable, with what to do."""
+    if not in_a_row[_UNREADABLE]:
+        what, fix = (
+            "near-grayscale",
+            "lower data.gray_threshold (Zhang et al. use 5; 0 keeps every crop) or train on colour images",
+        )
+    elif not in_a_row[_GRAY]:
+        what, fix = "unreadable", "the dataset's images are broken: prepare it again from readable files"
+    else:
+        what, fix = "unusable", "check the dataset's files, and lower data.gray_threshold if they are near-gray"
+    return (
+        f"{sum(in_a_row.values())} training examples in a row were {what} (the last: {last['name']}, "
+        f"{last['reason']}): {fix}"
+    )
 
 
 class _EvalExample(grain.transforms.Map):
@@ -231,6 +281,7 @@ class LoaderIterator:
         self._iterator.set_state(state)
 
     def start_prefetch(self) -> None:
+        """Starts reading ahead; grain's checkpoint handler (`PyGrainCheckpointRestore`) calls it."""
         self._iterator.start_prefetch()
 
 
@@ -241,8 +292,10 @@ class Loader:
       source: the split's `sources.ImageSource` (`source.name(id)`, `source.image(id)`).
       num_batches: batches per pass for evaluation loaders (the same on every process); None
         for the infinite training loader.
-      example_ids: evaluation loaders: the selected example ids of the whole split (all
-        processes), sorted.
+      identity: what a checkpointed iterator state is only valid for, as plain JSON values:
+        `dataset` (the prepared dataset's stable name; for folders it holds the content key),
+        `split`, `num_records`, `local_batch_size`, `num_workers`, `process_index`,
+        `process_count` and `seed`. It names the data, never where it is stored.
     """
 
     def __init__(
@@ -250,17 +303,30 @@ class Loader:
         data_loader: grain.DataLoader,
         source: sources.ImageSource,
         description: str,
+        identity: dict,
         num_batches: int | None = None,
-        example_ids: np.ndarray | None = None,
     ):
         self._data_loader = data_loader
         self._description = description
         self.source = source
+        self.identity = identity
         self.num_batches = num_batches
-        self.example_ids = example_ids
 
     def __iter__(self) -> LoaderIterator:
         return LoaderIterator(iter(self._data_loader), self._description)
+
+
+def _identity(source: sources.ImageSource, local_batch_size, num_workers, process_index, process_count, seed) -> dict:
+    return {
+        "dataset": source.dataset,
+        "split": source.split,
+        "num_records": len(source),
+        "local_batch_size": int(local_batch_size),
+        "num_workers": int(num_workers),
+        "process_index": int(process_index),
+        "process_count": int(process_count),
+        "seed": int(seed),
+    }
 
 
 def _allow_worker_processes() -> None:
@@ -292,6 +358,14 @@ def _data_loader(
     )
 
 
+def _check_sizes(image_size: int, local_batch_size: int, num_workers: int) -> None:
+    for label, value, low in (("image_size", image_size, 1), ("local batch size", local_batch_size, 1)):
+        if value < low:
+            raise ValueError(f"{label} {value}: must be at least {low}")
+    if num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers}: must be 0 (decode in this process) or more")
+
+
 def _process(process_index: int | None, process_count: int | None) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -312,6 +386,7 @@ def make_train_loader(
     gray_threshold: float = DEFAULT_GRAY_THRESHOLD,
     process_index: int | None = None,
     process_count: int | None = None,
+    decode_cache_bytes: int = DEFAULT_DECODE_CACHE_BYTES,
 ) -> Loader:
     """Infinite training batches: this process's part of one global stream, reshuffled every epoch.
 
@@ -323,7 +398,9 @@ def make_train_loader(
     and the example's global position. With worker processes each grain worker batches its own
     share of the stream, so an example's batch (not its crop) depends on `num_workers`, and a
     checkpointed iterator resumes only with the same `num_workers` and process count. Unreadable
-    examples and near-grayscale crops are skipped (counted and logged).
+    examples and near-grayscale crops are skipped (counted and logged). Decoded images are kept
+    in memory up to `decode_cache_bytes`, so a small dataset is decoded once per process (or
+    worker), not once per crop; the batches are the same with or without the cache.
 
     Args:
       name: dataset name (see `sources`); folders and sample_photos are prepared on demand.
@@ -336,15 +413,24 @@ def make_train_loader(
       gray_threshold: skip crops whose a range + b range (Lab units) is below this; 0 keeps all.
       process_index: this process's shard (default: `jax.process_index()`).
       process_count: number of shards (default: `jax.process_count()`).
+      decode_cache_bytes: memory for decoded images in this process, split between the
+        workers; 0 decodes every example afresh.
 
     Returns:
       A `Loader` whose passes yield `{"rgb": uint8 [local_batch_size, S, S, 3],
       "id": int64 [local_batch_size]}` forever.
 
     Raises:
-      ValueError: a bad name, split or argument.
+      ValueError: a bad name, split or argument; while iterating, a stream in which
+        MAX_CONSECUTIVE_SKIPS examples in a row are unusable (the message says what to change).
     """
     process_index, process_count = _process(process_index, process_count)
+    _check_sizes(image_size, local_batch_size, num_workers)
+    if not 0 <= gray_threshold < _MAX_AB_SPREAD:
+        raise ValueError(
+            f"data.gray_threshold={gray_threshold:g}: must be in [0, {_MAX_AB_SPREAD:g}) (no crop has a larger "
+            "a range + b range); Zhang et al. use 5, 0 keeps every crop"
+        )
     source = sources.open_source(name, split, data_dir=data_dir)
     stream = _GlobalStream(source, seed, local_batch_size, process_index, process_count)
     sampler = grain.samplers.IndexSampler(len(stream), shuffle=False, num_epochs=1)
@@ -355,12 +441,13 @@ def make_train_loader(
         num_workers,
         local_batch_size,
         [
-            _TrainExample(image_size, gray_threshold, seed),
+            _TrainExample(image_size, gray_threshold, seed, decode_cache_bytes // max(1, num_workers)),
             _DropSkipped(),
             grain.transforms.Batch(local_batch_size, drop_remainder=True),
         ],
     )
-    return Loader(loader, source, f"{name}:{split} training loader")
+    identity = _identity(source, local_batch_size, num_workers, process_index, process_count, seed)
+    return Loader(loader, source, f"{name}:{split} training loader", identity)
 
 
 def select_examples(num_records: int, num_examples: int | None, seed: int) -> np.ndarray:
@@ -372,6 +459,25 @@ def select_examples(num_records: int, num_examples: int | None, seed: int) -> np
         return np.arange(num_records, dtype=np.int64)
     rng = np.random.default_rng(seed)
     return np.sort(rng.choice(num_records, size=num_examples, replace=False)).astype(np.int64)
+
+
+def pad_for_process(
+    ids: np.ndarray, local_batch_size: int, process_index: int, process_count: int
+) -> tuple[int, np.ndarray]:
+    """This process's contiguous part of `ids`, padded with -1 to as many batches as every process runs.
+
+    Part i is `ids[len * i // count : len * (i + 1) // count]`: disjoint parts that together are
+    `ids`, in order. Every process gets the same number of batches (the largest part's), so
+    collective operations line up; the padding ids (-1) are to be masked out.
+
+    Returns:
+      (number of batches, int64 [number of batches * local_batch_size]).
+    """
+    num_batches = math.ceil(math.ceil(len(ids) / process_count) / local_batch_size)
+    start, stop = (len(ids) * i // process_count for i in (process_index, process_index + 1))
+    padded = np.full(num_batches * local_batch_size, -1, np.int64)
+    padded[: stop - start] = ids[start:stop]
+    return num_batches, padded
 
 
 def make_eval_loader(
@@ -412,17 +518,14 @@ def make_eval_loader(
       "id": int64 [B], "mask": bool [B]}` with B = `local_batch_size`.
     """
     process_index, process_count = _process(process_index, process_count)
+    _check_sizes(image_size, local_batch_size, num_workers)
     source = sources.open_source(name, split, data_dir=data_dir)
     ids = select_examples(len(source), num_examples, seed)
     if not len(ids):
         raise ValueError(f"{source!r} is empty")
     if num_examples is not None and num_examples > len(ids):
         logging.info("%s:%s has %d examples; evaluating on all of them, not %d", name, split, len(ids), num_examples)
-    num_batches = math.ceil(math.ceil(len(ids) / process_count) / local_batch_size)
-    start, stop = (len(ids) * i // process_count for i in (process_index, process_index + 1))
-    local = ids[start:stop]
-    padded = np.full(num_batches * local_batch_size, -1, np.int64)
-    padded[: len(local)] = local
+    num_batches, padded = pad_for_process(ids, local_batch_size, process_index, process_count)
     loader = _data_loader(
         _PaddedSubset(source, padded),
         grain.samplers.IndexSampler(len(padded), shuffle=False, num_epochs=1),
@@ -431,4 +534,5 @@ def make_eval_loader(
         local_batch_size,
         [_EvalExample(image_size), grain.transforms.Batch(local_batch_size)],
     )
-    return Loader(loader, source, f"{name}:{split} evaluation loader", num_batches, ids)
+    identity = _identity(source, local_batch_size, num_workers, process_index, process_count, seed)
+    return Loader(loader, source, f"{name}:{split} evaluation loader", identity, num_batches)

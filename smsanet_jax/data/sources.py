@@ -2,7 +2,8 @@
 
 A dataset `name` is one of:
   * `sample_photos` - the embedded default (scikit-image's colour photos);
-  * an image folder - `folder:PATH`, or a path starting with `/`, `./`, `../` or `~`;
+  * an image folder - `folder:PATH`, or a path starting with `/`, `./`, `../` or `~`, or ending
+    with `/`;
   * any other tfds dataset name with an image feature (`imagenet2012`, `oxford_flowers102`, ...).
 Everything is stored in array_record format under the tfds data dir and read with random access
 (`as_data_source`); reading imports no TensorFlow.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import fcntl
 import functools
 import logging
@@ -27,6 +29,8 @@ FOLDER_PREFIX = "folder:"
 SAMPLE_PHOTOS = "sample_photos"
 _PATH_PREFIXES = ("/", "./", "../", "~")
 _RANDOM_ACCESS_FORMAT = "array_record"
+# Skipped files named by `PreparedDataset.__str__`; the rest are counted.
+_NAMED_SKIPS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,14 +40,19 @@ class PreparedDataset:
     name: str  # What to give the loaders as `name` (for folders: `folder:<absolute path>`).
     path: str  # The prepared dataset's directory.
     splits: Mapping[str, int]  # Split -> number of examples.
-    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason): unreadable files left out.
+    skipped: tuple[tuple[str, str], ...] = ()  # (file, reason): files left out (unreadable, links...).
     reused: bool = False  # Already prepared: nothing was written.
 
     def __str__(self) -> str:
+        """One line: name, where, images per split, and the skipped files (the first few by name)."""
         splits = ", ".join(f"{k} {v}" for k, v in sorted(self.splits.items()))
         state = "already prepared" if self.reused else "prepared"
-        skipped = f"; {len(self.skipped)} unreadable files skipped" if self.skipped else ""
-        return f"{self.name}: {state} in {self.path} ({splits}){skipped}"
+        line = f"{self.name}: {state} in {self.path} ({splits} images)"
+        if self.skipped:
+            named = "; ".join(f"{f} ({r})" for f, r in self.skipped[:_NAMED_SKIPS])
+            more = len(self.skipped) - _NAMED_SKIPS
+            line += f"; skipped {len(self.skipped)} files: {named}" + (f"; and {more} more" if more > 0 else "")
+        return line
 
 
 def default_data_dir() -> str:
@@ -53,7 +62,7 @@ def default_data_dir() -> str:
 
 def is_folder(name: str) -> bool:
     """Whether `name` names an image folder rather than a tfds dataset."""
-    return name.startswith(FOLDER_PREFIX) or name.startswith(_PATH_PREFIXES)
+    return name.startswith(FOLDER_PREFIX) or name.startswith(_PATH_PREFIXES) or name.endswith("/")
 
 
 def _folder_path(name: str) -> str:
@@ -98,18 +107,24 @@ def prepare(
     return _summary(name, builder, reused)
 
 
-def _prepare_folder(root: str, data_dir: str) -> PreparedDataset:
+def _folder_version(root: str, data_dir: str) -> tuple[image_folder.FolderListing, str, str]:
+    """(listing, content key, prepared dataset directory) of the folder's current content."""
     listing = image_folder.list_folder(root)
-    path = listing.builder_dir(data_dir)
+    key = image_folder.dataset_key(listing, data_dir)
+    return listing, key, image_folder.builder_dir(data_dir, key)
+
+
+def _prepare_folder(root: str, data_dir: str) -> PreparedDataset:
+    listing, key, path = _folder_version(root, data_dir)
     reused = _is_prepared(path)
     if reused:
-        logging.info("%s: reusing %s (same files as when it was prepared)", root, path)
+        logging.info("%s: reusing %s (same content as when it was prepared)", root, path)
     else:
         logging.info("%s: preparing %d files into %s", root, len(listing.files), path)
-        image_folder.build(listing, data_dir)
+        image_folder.build(listing, data_dir, key)
     builder = tfds.builder_from_directory(path)
-    skipped = tuple(tuple(s) for s in builder.info.metadata.get("skipped", []))
-    return _summary(FOLDER_PREFIX + listing.root, builder, reused, skipped)
+    unreadable = [tuple(s) for s in builder.info.metadata.get("skipped", [])]
+    return _summary(FOLDER_PREFIX + listing.root, builder, reused, tuple(sorted(list(listing.skipped) + unreadable)))
 
 
 def _summary(name: str, builder, reused: bool, skipped: tuple = ()) -> PreparedDataset:
@@ -131,9 +146,20 @@ def _tfds_builder(name: str, data_dir: str, **kwargs):
         return sample_photos.SamplePhotos(data_dir=data_dir, **kwargs)
     try:
         return tfds.builder(name, data_dir=data_dir, **kwargs)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        hint = f" (an image folder? write folder:{name})" if os.path.isdir(name) else ""
-        raise ValueError(f"unknown dataset {name!r}{hint}: {e}") from e
+    except tfds.core.registered.DatasetNotFoundError:
+        raise ValueError(_unknown_dataset(name)) from None
+
+
+def _unknown_dataset(name: str) -> str:
+    """One line for a name that is neither a tfds dataset nor a folder path (tfds lists ~450)."""
+    message = f"unknown dataset {name!r}"
+    known = [SAMPLE_PHOTOS, *tfds.list_builders(with_community_datasets=False)]
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    if close:
+        message += f"; close matches: {', '.join(close)}"
+    if os.path.isdir(name):
+        return message + f"; {name} is a folder here: write ./{name} (or folder:{name}) to use it"
+    return message + "; a folder path must start with ./, ../, /, ~ or folder: (or end with /)"
 
 
 def _check_random_access(builder) -> None:
@@ -166,7 +192,7 @@ def _prepare_lock(data_dir: str) -> Iterator[None]:
 def _prepared_builder(name: str, data_dir: str):
     """The builder of a prepared dataset; folders and sample_photos are prepared here if needed."""
     if is_folder(name):
-        path = image_folder.list_folder(_folder_path(name)).builder_dir(data_dir)
+        _, _, path = _folder_version(_folder_path(name), data_dir)
         if not _is_prepared(path):
             logging.info("%s is not prepared yet: preparing it now", name)
             prepare(name, data_dir=data_dir)

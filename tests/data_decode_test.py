@@ -120,3 +120,93 @@ def test_truncated_jpeg_is_unreadable_even_at_reduced_size():
     data = _jpeg(_bands(256, 256, vertical=True))
     with pytest.raises(decode.UnreadableImageError, match="truncated"):
         decode.decode_rgb(data[: len(data) // 2], target_size=32)
+
+
+# --- unusual modes, as real TIFF files --------------------------------------------------------------
+
+_RAMP = np.linspace(0.0, 1.0, 8 * 16).reshape(8, 16)
+_PHOTO = np.stack([_RAMP * 255, _RAMP[::-1] * 200, np.full_like(_RAMP, 90)], -1).astype(np.uint8)
+
+
+def _gray(values) -> np.ndarray:
+    return np.repeat(np.asarray(values, np.uint8)[..., None], 3, axis=2)
+
+
+def _i16b(values: np.ndarray) -> Image.Image:
+    return Image.frombytes("I;16B", values.shape[::-1], values.astype(">u2").tobytes())
+
+
+# (Pillow image to save as TIFF, the mode Pillow reads back, expected RGB, tolerance).
+_CONVERTIBLE = {
+    "F in [0, 1]": (Image.fromarray(_RAMP.astype(np.float32)), "F", _gray(np.rint(_RAMP * 255)), 0),
+    "F in [0, 255]": (Image.fromarray((_RAMP * 255).astype(np.float32)), "F", _gray(np.rint(_RAMP * 255)), 0),
+    "F all zero": (Image.fromarray(np.zeros((8, 16), np.float32)), "F", _gray(np.zeros((8, 16))), 0),
+    "I within 16 bits": (
+        Image.fromarray((_RAMP * 65535).astype(np.int32)),
+        "I",
+        _gray(np.rint((_RAMP * 65535).astype(np.int32) / 257)),
+        0,
+    ),
+    "I;16": (Image.fromarray((_RAMP * 65535).astype(np.uint16)), "I;16", _gray(np.rint(_RAMP * 255)), 1),
+    "I;16B": (_i16b(_RAMP * 65535), "I;16B", _gray(np.rint(_RAMP * 255)), 1),
+    "1-bit": (Image.fromarray(_RAMP > 0.5), "1", _gray(np.where(_RAMP > 0.5, 255, 0)), 0),
+    "LA": (
+        Image.fromarray(np.dstack([np.full((8, 16), 40, np.uint8), np.where(_RAMP < 0.5, 0, 255)]).astype(np.uint8)),
+        "LA",
+        _gray(np.where(_RAMP < 0.5, 255, 40)),
+        0,
+    ),
+    "RGBA": (
+        Image.fromarray(np.dstack([_PHOTO, np.where(_RAMP < 0.5, 0, 255).astype(np.uint8)])),
+        "RGBA",
+        np.where((_RAMP < 0.5)[..., None], 255, _PHOTO).astype(np.uint8),
+        0,
+    ),
+    "CMYK": (Image.fromarray(_PHOTO).convert("CMYK"), "CMYK", _PHOTO, 1),
+    "YCbCr": (Image.fromarray(_PHOTO).convert("YCbCr"), "YCbCr", _PHOTO, 3),
+    "P": (Image.fromarray(_PHOTO).convert("P", palette=Image.Palette.ADAPTIVE, colors=256), "P", _PHOTO, 40),
+}
+_UNREADABLE = {
+    "F outside [0, 255]": (
+        Image.fromarray((_RAMP * 301 - 1).astype(np.float32)),
+        r"32-bit float TIFF with values outside \[0, 255\] \(-1 to 300\)",
+    ),
+    "F with NaN": (Image.fromarray(np.where(_RAMP < 0.5, np.nan, 0.5).astype(np.float32)), "NaN"),
+    "I above 16 bits": (
+        Image.fromarray((_RAMP * 100000).astype(np.int32)),
+        r"integer TIFF with values outside \[0, 65535\] \(0 to 100000\)",
+    ),
+    "I negative": (Image.fromarray((_RAMP * 100 - 50).astype(np.int32)), r"outside \[0, 65535\] \(-50 to 50\)"),
+}
+
+
+def _write_tiff(tmp_path, image: Image.Image) -> tuple[str, bytes]:
+    path = tmp_path / "image.tif"
+    image.save(path, "TIFF")
+    return path, path.read_bytes()
+
+
+@pytest.mark.parametrize("case", sorted(_CONVERTIBLE))
+def test_tiff_modes_are_converted_by_their_value_range(tmp_path, case):
+    image, mode, expected, tolerance = _CONVERTIBLE[case]
+    path, written = _write_tiff(tmp_path, image)
+    assert Image.open(path).mode == mode
+    rgb = np.asarray(decode.decode_rgb(written))
+    assert rgb.shape == expected.shape and rgb.dtype == np.uint8
+    np.testing.assert_allclose(rgb.astype(int), expected.astype(int), atol=tolerance, err_msg=case)
+    assert path.read_bytes() == written
+
+
+@pytest.mark.parametrize("case", sorted(_UNREADABLE))
+def test_tiffs_without_a_clear_8_bit_meaning_are_unreadable_with_the_reason(tmp_path, case):
+    image, reason = _UNREADABLE[case]
+    path, written = _write_tiff(tmp_path, image)
+    with pytest.raises(decode.UnreadableImageError, match=reason):
+        decode.decode_rgb(written)
+    assert path.read_bytes() == written
+
+
+def test_a_neutral_lab_tiff_stays_neutral(tmp_path):
+    _, written = _write_tiff(tmp_path, Image.new("LAB", (8, 8), (128, 128, 128)))
+    rgb = np.asarray(decode.decode_rgb(written)).astype(int)
+    assert np.ptp(rgb, axis=-1).max() <= 2 and 100 < rgb.mean() < 140

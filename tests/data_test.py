@@ -1,8 +1,14 @@
 """Tests of the datasets (sample_photos, image folders) and the grain loaders built on them."""
 
+import hashlib
 import io
 import json
+import math
 import os
+import re
+import signal
+import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -15,7 +21,7 @@ import pytest
 from PIL import Image
 
 from smsanet_jax import data
-from smsanet_jax.data import image_folder, pipeline, sample_photos, sources
+from smsanet_jax.data import decode, image_folder, pipeline, sample_photos, sources
 
 SIZE = 32
 BANDS_4 = np.array([[255, 0, 0], [0, 200, 0], [0, 0, 255], [250, 250, 0]])
@@ -441,3 +447,301 @@ def test_worker_processes_give_the_same_examples_and_resume(photos_dir):
     restored = iter(_train(photos_dir, num_workers=2))
     restored.set_state(state)
     _assert_same_batches(_take(restored, 2), following)
+
+
+# --- what users feed it: each case leaves the user's files as they were ---------------------------
+
+
+def _snapshot(folder) -> dict:
+    """Every entry under `folder` (links not followed): type, target or bytes, and mtime."""
+    out = {}
+    for directory, subdirs, names in os.walk(folder):
+        for name in subdirs + names:
+            path = os.path.join(directory, name)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                content = ("link", os.readlink(path))
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    content = ("file", f.read())
+            else:
+                content = ("other", stat.S_IFMT(st.st_mode))
+            out[os.path.relpath(path, folder)] = (content, st.st_mtime_ns)
+    return out
+
+
+@pytest.fixture
+def no_hang():
+    """Fails a test that blocks (e.g. opening a FIFO) instead of hanging the suite."""
+
+    def alarm(signum, frame):
+        raise TimeoutError("blocked for 60 s")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("count", [2, 3, 5, 36])
+def test_every_flat_folder_of_two_or_more_images_can_train_and_evaluate(tmp_path, count):
+    # 0.png ... 35.png: the 5% path-hash rule puts none of them in validation.
+    names = [f"{i}.png" for i in range(count)]
+    assert not any(image_folder._bucket(n) < image_folder.VALIDATION_PERCENT for n in names)
+    folder = _colour_folder(tmp_path / "photos", names)
+    before = _snapshot(folder)
+    info = data.prepare(str(folder), data_dir=str(tmp_path / "tfds"))
+    by_hash = sorted(names, key=lambda n: hashlib.sha256(n.encode()).digest())
+    assert dict(info.splits) == {"train": count - 1, "validation": 1}
+    assert data.example_name(info.name, "validation", 0, data_dir=str(tmp_path / "tfds")) == by_hash[0]
+    batches = list(_eval(str(tmp_path / "tfds"), name=info.name, split="validation"))
+    assert sum(b["mask"].sum() for b in batches) == 1
+    assert _snapshot(folder) == before
+
+
+def test_hash_split_leaves_train_one_image_when_it_would_take_all():
+    names = [f"img_{i}.png" for i in range(400)]
+    both = [n for n in names if image_folder._bucket(n) < image_folder.VALIDATION_PERCENT][:2]
+    splits = image_folder.assign_splits(both)
+    largest = max(both, key=lambda n: hashlib.sha256(n.encode()).digest())
+    assert splits == {"train": [largest], "validation": [n for n in both if n != largest]}
+
+
+def test_every_split_is_nonempty_for_any_folder_size():
+    for count in range(2, 80):
+        splits = image_folder.assign_splits([f"photo_{i}.jpg" for i in range(count)])
+        assert splits["train"] and splits["validation"], count
+
+
+@pytest.mark.parametrize("extra", [[], ["broken.jpg"]], ids=["one-image", "one-readable-image"])
+def test_a_one_image_folder_is_a_clear_error_at_prepare_time(tmp_path, extra):
+    folder = _colour_folder(tmp_path / "photos", ["only.png"])
+    for name in extra:
+        (folder / name).write_bytes(b"\xff\xd8 not a jpeg")
+    before = _snapshot(folder)
+    with pytest.raises(ValueError, match=r"only one readable image \(only.png\): .*validation split"):
+        data.prepare(str(folder), data_dir=str(tmp_path / "tfds"))
+    assert not (tmp_path / "tfds" / image_folder.BUILDER_NAME).exists()
+    assert _snapshot(folder) == before
+
+
+def _make_hostile_entries(folder, outside) -> dict[str, str]:
+    """Links, a loop, a FIFO... beside real images; returns {entry: expected reason (a regex)}."""
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(outside / "linked.png")
+    (outside / "linked_folder").mkdir()
+    Image.new("RGB", (40, 30), (30, 30, 200)).save(outside / "linked_folder" / "x.png")
+    os.symlink(outside / "linked.png", folder / "link_to_image.png")  # Followed: listed.
+    os.symlink(outside / "linked_folder", folder / "link_to_folder")  # Followed: listed.
+    os.symlink(folder / "gone.png", folder / "dangling.jpg")
+    os.symlink(folder / "self_loop.jpg", folder / "self_loop.jpg")
+    os.symlink("..", folder / "sub" / "up")  # A folder that contains itself.
+    os.mkfifo(folder / "pipe.jpg")
+    os.symlink("/dev/zero", folder / "zeros.png")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(folder / "sock.png"))
+    return {
+        "dangling.jpg": "dangling symbolic link",
+        "self_loop.jpg": "symbolic link loop",
+        "sub/up": "symbolic link to a folder listed already",
+        "pipe.jpg": r"not a regular file \(a FIFO\)",
+        "zeros.png": r"not a regular file \(a device\)",
+        "sock.png": r"not a regular file \(a socket\)",
+    }
+
+
+def test_links_loops_fifos_and_devices_are_skipped_by_name_never_opened(tmp_path, no_hang):
+    folder = _colour_folder(tmp_path / "photos", ["a.png"])
+    (folder / "sub").mkdir()
+    Image.new("RGB", (40, 30), (30, 200, 30)).save(folder / "sub" / "b.png")
+    (tmp_path / "outside").mkdir()
+    expected = _make_hostile_entries(folder, tmp_path / "outside")
+    before = _snapshot(folder)
+    listing = image_folder.list_folder(str(folder))
+    assert listing.relpaths == ["a.png", "link_to_folder/x.png", "link_to_image.png", "sub/b.png"]
+    skipped = dict(listing.skipped)
+    assert skipped.keys() == expected.keys()
+    for entry, reason in expected.items():
+        assert re.match(reason, skipped[entry]), (entry, skipped[entry])
+    info = data.prepare(str(folder), data_dir=str(tmp_path / "tfds"))
+    assert sum(info.splits.values()) == 4 and dict(info.skipped) == skipped
+    text = str(info)
+    assert "skipped 6 files: dangling.jpg (dangling symbolic link); pipe.jpg" in text and "and 1 more" in text
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize(
+    "entry,problem",
+    [
+        ("a.png", None),
+        ("link_to_image.png", None),
+        ("dangling.jpg", "dangling symbolic link"),
+        ("self_loop.jpg", "symbolic link loop"),
+        ("pipe.jpg", "not a regular file (a FIFO): not opened"),
+        ("zeros.png", "not a regular file (a device): not opened"),
+        ("sub", "a folder, not a file"),
+        ("missing.jpg", "no such file"),
+    ],
+)
+def test_regular_file_problem_names_what_a_given_path_is(tmp_path, no_hang, entry, problem):
+    folder = _colour_folder(tmp_path / "photos", ["a.png"])
+    (folder / "sub").mkdir()
+    (tmp_path / "outside").mkdir()
+    _make_hostile_entries(folder, tmp_path / "outside")
+    before = _snapshot(folder)
+    assert image_folder.regular_file_problem(str(folder / entry)) == problem
+    assert _snapshot(folder) == before
+
+
+def test_a_folder_of_only_bad_entries_names_them(tmp_path, no_hang):
+    (tmp_path / "photos").mkdir()
+    os.mkfifo(tmp_path / "photos" / "pipe.jpg")
+    with pytest.raises(ValueError, match=r"no image files .*\(skipped: pipe.jpg \(not a regular file \(a FIFO\)"):
+        data.prepare(str(tmp_path / "photos"), data_dir=str(tmp_path / "tfds"))
+
+
+# --- identity: what the data is, not when its files were touched -----------------------------------
+
+
+def test_touched_files_keep_the_dataset_and_a_saved_iterator_resumes(tmp_path):
+    folder = _colour_folder(tmp_path / "photos", [f"{i}.png" for i in range(6)])
+    data_dir = str(tmp_path / "tfds")
+    name = data.prepare(str(folder), data_dir=data_dir).name
+    loader = _train(data_dir, name=name, local_batch_size=2)
+    iterator = iter(loader)
+    _take(iterator, 2)
+    state = iterator.get_state()
+    following = _take(iterator, 2)
+    for path in folder.iterdir():  # `touch`, and a new inode with the same bytes.
+        content = path.read_bytes()
+        path.unlink()
+        path.write_bytes(content)
+        os.utime(path, ns=(1, 1))
+    sources._cached_source.cache_clear()  # As a new run would: list the folder afresh.
+    again = data.prepare(str(folder), data_dir=data_dir)
+    assert again.reused
+    resumed_loader = _train(data_dir, name=name, local_batch_size=2)
+    assert resumed_loader.identity == loader.identity
+    assert repr(resumed_loader.source) == repr(loader.source)
+    resumed = iter(resumed_loader)
+    resumed.set_state(state)
+    _assert_same_batches(_take(resumed, 2), following)
+    # A changed image is different data: a new dataset, and the identity says so.
+    Image.new("RGB", (40, 30), (0, 0, 0)).save(folder / "0.png")
+    sources._cached_source.cache_clear()
+    changed = _train(data_dir, name=name, local_batch_size=2).identity
+    assert changed["dataset"] != loader.identity["dataset"] and changed["num_records"] == loader.identity["num_records"]
+
+
+def test_loader_identity_is_plain_json_naming_the_data(photos_dir):
+    train = _train(photos_dir, local_batch_size=2, seed=7)
+    assert (
+        json.loads(json.dumps(train.identity))
+        == train.identity
+        == {
+            "dataset": "sample_photos/1.0.0",
+            "split": "train",
+            "num_records": len(sample_photos.TRAIN_FILES),
+            "local_batch_size": 2,
+            "num_workers": 0,
+            "process_index": 0,
+            "process_count": 1,
+            "seed": 7,
+        }
+    )
+    evaluation = _eval(photos_dir, split="validation", process_index=1, process_count=2)
+    assert evaluation.identity["split"] == "validation" and evaluation.identity["process_index"] == 1
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name,expected",
+    [
+        ("imagenet2021", r"unknown dataset 'imagenet2021'; close matches: imagenet2012"),
+        ("sample_photo", r"close matches: sample_photos"),
+        ("nosuchds", r"unknown dataset 'nosuchds'; a folder path must start with \./, \.\./, /, ~ or folder:"),
+    ],
+)
+def test_an_unknown_dataset_is_one_line_with_close_matches(tmp_path, name, expected):
+    for call in (
+        lambda: data.prepare(name, data_dir=str(tmp_path)),
+        lambda: data.open_source(name, "validation", data_dir=str(tmp_path)),  # evaluate --dataset
+    ):
+        with pytest.raises(ValueError, match=expected) as error:
+            call()
+        assert "\n" not in str(error.value) and len(str(error.value)) < 250
+
+
+def test_a_folder_name_without_prefix_gets_the_spelling_and_a_trailing_slash_works(tmp_path, monkeypatch):
+    _colour_folder(tmp_path / "my_photos")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"my_photos is a folder here: write \./my_photos"):
+        data.prepare("my_photos", data_dir=str(tmp_path / "tfds"))
+    assert data.prepare("my_photos/", data_dir=str(tmp_path / "tfds")).splits["train"] >= 1
+
+
+def test_prepared_dataset_prints_splits_and_the_first_skipped_files():
+    skipped = tuple((f"bad_{i}.jpg", "empty file") for i in range(8))
+    text = str(data.PreparedDataset("folder:/p", "/d/x", {"validation": 2, "train": 30}, skipped))
+    assert text == (
+        "folder:/p: prepared in /d/x (train 30, validation 2 images); skipped 8 files: bad_0.jpg (empty file); "
+        "bad_1.jpg (empty file); bad_2.jpg (empty file); bad_3.jpg (empty file); bad_4.jpg (empty file); and 3 more"
+    )
+
+
+# --- gray_threshold ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [1000.0, 386.8, -1.0, float("nan")])
+def test_an_impossible_gray_threshold_is_refused_up_front(photos_dir, threshold):
+    with pytest.raises(ValueError, match=r"data.gray_threshold=\S+: must be in \[0, 386.8\)"):
+        _train(photos_dir, gray_threshold=threshold)
+
+
+def _gray_folder(tmp_path):
+    yy, xx = np.mgrid[0:40, 0:40]
+    folder = tmp_path / "gray"
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray((xx * 6 + i).astype(np.uint8)).convert("RGB").save(folder / f"{i}.png")
+    return data.prepare(str(folder), data_dir=str(tmp_path / "tfds")).name
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(1, marks=pytest.mark.slow)])
+def test_a_grayscale_only_folder_names_gray_threshold(tmp_path, num_workers):
+    name = _gray_folder(tmp_path)
+    loader = _train(str(tmp_path / "tfds"), name=name, gray_threshold=5.0, num_workers=num_workers)
+    with pytest.raises(ValueError, match=r"in a row were near-grayscale .*lower data.gray_threshold") as error:
+        _take(loader, 1)
+    assert "\n" not in str(error.value)
+
+
+# --- padding and the decode cache -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_ids,batch,count", [(7, 2, 1), (7, 2, 3), (2, 4, 4), (9, 3, 2), (1, 1, 8)])
+def test_pad_for_process_covers_the_ids_with_equal_batch_counts(num_ids, batch, count):
+    ids = np.arange(100, 100 + num_ids)
+    parts = [data.pad_for_process(ids, batch, i, count) for i in range(count)]
+    assert len({n for n, _ in parts}) == 1
+    for n, padded in parts:
+        assert padded.shape == (n * batch,) and padded.dtype == np.int64
+        assert np.all(padded[np.argmax(padded < 0) :] < 0) or np.all(padded >= 0)  # Padding at the end.
+    np.testing.assert_array_equal(np.concatenate([p[p >= 0] for _, p in parts]), ids)
+    assert parts[0][0] == math.ceil(math.ceil(num_ids / count) / batch)
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 100_000, pipeline.DEFAULT_DECODE_CACHE_BYTES])
+def test_the_decode_cache_changes_no_batch(photos_dir, monkeypatch, cache_bytes):
+    reference = _take(_train(photos_dir, decode_cache_bytes=0), 6)  # 24 examples: 3+ epochs.
+    decoded = []
+    real = decode.decode_rgb
+    monkeypatch.setattr(decode, "decode_rgb", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    _assert_same_batches(_take(_train(photos_dir, decode_cache_bytes=cache_bytes), 6), reference)
+    n = len(sample_photos.TRAIN_FILES)
+    # No cache: every example; a tiny one holds the small (reduced-size) JPEGs; the default all.
+    assert len(decoded) >= 24 if cache_bytes == 0 else n <= len(decoded) < 24
+    if cache_bytes == pipeline.DEFAULT_DECODE_CACHE_BYTES:
+        assert len(decoded) == n

@@ -14,6 +14,7 @@ _EXPORTS = {
     "LoaderIterator": "pipeline",
     "make_eval_loader": "pipeline",
     "make_train_loader": "pipeline",
+    "pad_for_process": "pipeline",
     "select_examples": "pipeline",
     "ImageSource": "sources",
     "PreparedDataset": "sources",

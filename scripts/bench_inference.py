@@ -18,7 +18,7 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from smsanet_jax import checkpointing, colorize, config_util, evaluate, inference, train
+from smsanet_jax import colorize, config_util, evaluation, inference, state, weights
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -26,8 +26,8 @@ PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 def _random_weights(config_path: str, overrides: list[str], path: str) -> None:
     config = config_util.load_config(config_path, overrides)
     size = config.image_size
-    variables = train.build_model(config).init(jax.random.key(0), np.zeros((1, size, size, 1), np.float32))
-    checkpointing.save_variables(path, jax.device_get(variables), kind="benchmark")
+    variables = state.build_model(config).init(jax.random.key(0), np.zeros((1, size, size, 1), np.float32))
+    weights.save_variables(path, jax.device_get(variables), kind="benchmark")
 
 
 def _photos(folder: str, count: int, size: tuple[int, int]) -> None:
@@ -51,32 +51,22 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     args, overrides = parser.parse_known_args()
     with tempfile.TemporaryDirectory() as tmp:
-        weights = os.path.join(tmp, "weights.msgpack")
-        _random_weights(args.config, overrides, weights)
-        colorizer = inference.load_colorizer(params=weights, config=args.config, overrides=overrides)
+        weights_path = os.path.join(tmp, "weights.msgpack")
+        _random_weights(args.config, overrides, weights_path)
+        colorizer = inference.load_colorizer(params=weights_path, config=args.config, overrides=overrides)
+        network = inference.PhotoColorizer(colorizer, batch_size=args.batch_size)
         photos = os.path.join(tmp, "photos")
         _photos(photos, args.images, (1024, 768))
-        seconds = _timed(
-            lambda run: colorize.colorize(
-                colorizer, [photos], os.path.join(tmp, f"colorized_{run}"), batch_size=args.batch_size
-            )
-        )
+        seconds = _timed(lambda run: colorize.colorize(network, [photos], os.path.join(tmp, f"colorized_{run}")))
         width = colorizer.provenance["config"]["model"]["width"]
         print(
             f"colorize  1024x768 -> 1024x768, width {width}: {args.images / seconds:.2f} images/s "
             f"({seconds / args.images:.2f} s/image, {jax.device_count()} {jax.default_backend()} devices)",
             file=sys.stderr,
         )
-        with open(os.devnull, "w", encoding="utf-8") as quiet:
-            seconds = _timed(
-                lambda run: evaluate.evaluate(
-                    colorizer,
-                    evaluate.FolderImages(photos),
-                    os.path.join(tmp, f"eval_{run}"),
-                    batch_size=args.batch_size,
-                    stream=quiet,
-                )
-            )
+        seconds = _timed(
+            lambda run: evaluation.evaluate(colorizer, evaluation.FolderImages(photos), batch_size=args.batch_size)
+        )
         print(
             f"evaluate  256x256 crops of 1024x768 JPEGs, width {width}: {args.images / seconds:.2f} images/s "
             f"({seconds / args.images:.2f} s/image)",

@@ -1,6 +1,6 @@
 """Training and inference speed on the current backend, side by side with the PyTorch reference.
 
-  .venv/bin/python scripts/benchmark.py --out results.json            # everything: 6 min on 2 idle CPU cores
+  .venv/bin/python scripts/benchmark.py --out results.json            # everything: ~10 min on 2 idle CPU cores
   .venv/bin/python scripts/benchmark.py --models smsanet --batches 1  # the headline row only
   .venv/bin/python scripts/benchmark.py --quick --out /tmp/b.json     # tiny sizes: a smoke test
 
@@ -8,9 +8,12 @@ Measured in one run, each group interleaved (A B C A B C ..., after compiling an
 untimed rounds) so that load from other processes hits every contestant alike, and reported as medians:
 - training images/s of BaseNet, SMSANet (alpha 0) and SMSANet with the salient loss (random PFANet
   weights: the cost is the same), per batch size and dtype (bfloat16 on GPU/TPU, or with --bf16),
-  beside the PyTorch BaseNet step (the tests' SIGGRAPH17 module, the same Huber loss and
-  torch.optim.Adam, with as many threads as JAX's CPU backend uses) and a square matmul, whose
-  FLOP/s is the peak each step is scored against;
+  beside the PyTorch BaseNet step (tests/reference: the SIGGRAPH17 module, the same Huber loss and
+  torch.optim.Adam, with as many threads as JAX's CPU backend uses) run three ways (--torch-variants:
+  eager NCHW, channels_last, and torch.compile of the channels_last model, where its compiler
+  works: if not, `pytorch_skipped` says why), the PyTorch counterpart of the salient-loss row
+  (that step plus the reference PFANet-S forward on the two RGB renderings under no_grad, eager)
+  and a square matmul, whose FLOP/s is the peak each step is scored against;
 - FLOPs per image from XLA's cost analysis of the step in its standard form (`conv_impl="xla"`,
   lowered), used for every row including the PyTorch one: the executable's own count (kept as
   `compiled_flops_per_image`) misses most of the fast CPU convolutions' weight gradients, whose
@@ -21,8 +24,12 @@ untimed rounds) so that load from other processes hits every contestant alike, a
 - the quickstart model's step with each --conv-impl (the fast CPU convolutions against XLA's);
 - images/s of `colorize` (random weights of configs/smsanet.py) on photos of each --photo-sizes.
 Extra `--config.key=value` arguments override the training and inference configs. JSON (--out)
-holds every measurement, `ratio_vs_pytorch` (SMSANet alpha 0, float32, batch 1, over the PyTorch
-step) and `fraction_of_peak` (the same SMSANet row, bfloat16 on GPU/TPU, over the matmul peak).
+holds every measurement, `ratio_vs_pytorch` (SMSANet alpha 0, float32, batch 1, over the eager
+PyTorch step), `ratio_vs_pytorch_best` (the same row over the fastest PyTorch variant, named by
+`pytorch_best_variant`), `ratio_vs_pytorch_salient` (SMSANet + salient loss over its PyTorch
+counterpart) and `fraction_of_peak` (the SMSANet row, bfloat16 on GPU/TPU, over the matmul peak).
+Each JAX training row's `vs_pytorch` and `vs_pytorch_best` compare it with the PyTorch rows of its
+batch and loss (Huber alone, or with the salient loss).
 """
 
 from __future__ import annotations
@@ -48,10 +55,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsanet_jax import colorize, colorspace, config_util, host_memory, inference, native, ops, parallel, train
+from smsanet_jax import colorize, colorspace, config_util, inference, parallel, train
+from smsanet_jax import state as state_lib
+from smsanet_jax.cpu import conv as cpu_conv
+from smsanet_jax.cpu import malloc, native
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
+# The PyTorch contestants run the tests' reference modules: `tests.reference` from the repository root.
+if str(ROOT) not in sys.path:
+    sys.path.append(str(ROOT))
 # name -> (label, config file, overrides).
 MODELS = {
     "basenet": ("BaseNet", "basenet.py", ()),
@@ -65,9 +78,20 @@ QUICK_OVERRIDES = (
     "--config.model.n_scales=3",
     "--config.loss.pfanet_size=32",
 )
+# The PyTorch peers: name -> (label, config file, overrides); the salient one is SMSANet + salient loss's.
+TORCH_MODELS = {
+    "basenet": ("BaseNet, PyTorch", "basenet.py", ()),
+    "basenet_salient": ("BaseNet + salient loss, PyTorch", "basenet_salient.py", ("--config.init.pfanet=random",)),
+}
+# How the PyTorch BaseNet step runs: name -> (label suffix, torch memory format, torch.compile'd).
+TORCH_VARIANTS = {
+    "eager": ("", "contiguous_format", False),
+    "channels_last": (", channels_last", "channels_last", False),
+    "compile": (", channels_last + torch.compile", "channels_last", True),
+}
 HEADLINE_MODEL, HEADLINE_BATCH = "smsanet", 1
 # Untimed rounds before the timed ones: a CPU process's heap grows for its first ~3 steps (see
-# smsanet_jax/host_memory.py), and the first calls of a program pay one-off costs.
+# smsanet_jax/cpu/malloc.py), and the first calls of a program pay one-off costs.
 WARMUP_ROUNDS = 3
 GROUPS = ("training", "pytorch", "matmul_peak", "conv_impl", "inference")  # Top-level JSON keys, table order.
 
@@ -187,7 +211,7 @@ def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: di
     """
     config = config_util.load_config(str(config_file), overrides)
     mesh = parallel.make_mesh(config.num_devices)
-    state = train.create_train_state(config, train.build_model(config), mesh)
+    state = state_lib.create_train_state(config, state_lib.build_model(config), mesh)
     pfanet_variables = train.load_pfanet(config, mesh)
     batch = parallel.make_global({"rgb": _random_rgb(config.global_batch_size, config.image_size)}, mesh)
     start = time.perf_counter()
@@ -207,7 +231,8 @@ def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: di
         "image_size": config.image_size,
         "width": config.model.width,
         "dtype": config.dtype,
-        "conv_impl": ops.resolve_impl(config.conv_impl),
+        "salient_loss": bool(config.loss.alpha),
+        "conv_impl": "cpu" if cpu_conv.use_fast_path(config.conv_impl) else "xla",
         "device": mesh.devices.flat[0].device_kind,
         "devices": mesh.size,
         "compile_seconds": compile_seconds,
@@ -219,6 +244,20 @@ def jax_training(name: str, config_file: Path, overrides: Sequence[str], row: di
     return Contestant(name, step, config.global_batch_size, row=row)
 
 
+def lower_train_step(config_file: Path, overrides: Sequence[str]) -> tuple[Any, jax.stages.Lowered]:
+    """A config's train step lowered on abstract inputs: (config, lowered); nothing allocated or compiled.
+
+    Only a salient-loss config with `init.pfanet=random` initialises (small) PFANet weights.
+    """
+    config = config_util.load_config(str(config_file), overrides)
+    mesh = parallel.make_mesh(config.num_devices)
+    state = state_lib.abstract_train_state(config, state_lib.build_model(config), mesh)
+    shape = (config.global_batch_size, config.image_size, config.image_size, 3)
+    batch = {"rgb": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=parallel.batch_sharded(mesh))}
+    pfanet_variables = train.load_pfanet(config, mesh)
+    return config, train.jit_train_step(config, mesh).lower(state, batch, pfanet_variables)
+
+
 def lowered_flops_per_image(config_file: Path, overrides: Sequence[str]) -> float | None:
     """FLOPs per image of a config's train step, from the cost analysis of its standard form.
 
@@ -228,66 +267,94 @@ def lowered_flops_per_image(config_file: Path, overrides: Sequence[str]) -> floa
     within about 1% of the compiled step's; transposed convolutions count no multiplications by
     the zeros of their dilated input.
     """
-    config = config_util.load_config(str(config_file), [*overrides, "--config.conv_impl=xla"])
-    mesh = parallel.make_mesh(config.num_devices)
-    state = train.abstract_train_state(config, train.build_model(config), mesh)
-    shape = (config.global_batch_size, config.image_size, config.image_size, 3)
-    batch = {"rgb": jax.ShapeDtypeStruct(shape, jnp.uint8, sharding=parallel.batch_sharded(mesh))}
-    pfanet_variables = train.load_pfanet(config, mesh)
-    cost = train.jit_train_step(config, mesh).lower(state, batch, pfanet_variables).cost_analysis()
+    config, lowered = lower_train_step(config_file, [*overrides, "--config.conv_impl=xla"])
+    cost = lowered.cost_analysis()
     return float(cost["flops"]) / config.global_batch_size if cost and cost.get("flops") else None
 
 
-def torch_training(batch: int, size: int, width: int, threads: int, flops_per_image: float | None) -> Contestant:
-    """The PyTorch BaseNet step: SIGGRAPH17 forward, Zhang's Huber loss on ab / 110, Adam(1e-5).
+def torch_training(config: Any, variant: str, threads: int, flops_per_image: float | None, row: dict) -> Contestant:
+    """The PyTorch step of a BaseNet config: SIGGRAPH17 forward, the config's loss, Adam (tests/reference).
 
+    The loss is Zhang's Huber on ab / 110, plus, with `loss.alpha`, the salient loss: a PFANet-S
+    forward (random weights, eval mode) on the two RGB renderings under no_grad, as the JAX step.
     Runs on CUDA when JAX runs on a GPU and torch sees one, else on the CPU with `threads` threads.
-    `flops_per_image` (the JAX BaseNet step's: the same network) scores its FLOP/s.
+
+    Args:
+        config: a loaded BaseNet config (batch, image size, width, loss, optimizer, seed).
+        variant: a TORCH_VARIANTS key. "compile" compiles here, with one untimed step.
+        threads: torch's CPU threads.
+        flops_per_image: the JAX step's count for the same network and loss, to score FLOP/s.
+        row: facts for the JSON row.
+
+    Returns:
+        The contestant.
+
+    Raises:
+        Whatever torch.compile raises where its compiler does not work.
     """
-    import torch  # Optional: only this contestant needs it.
-    import torch.nn.functional as F
+    import torch  # Optional, as are the reference modules that import it: only these contestants need them.
 
-    spec = importlib.util.spec_from_file_location("torch_siggraph17", ROOT / "tests" / "torch_siggraph17.py")
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
+    from tests.reference import torch_losses, torch_pfanet, torch_siggraph17
 
+    label, memory_format_name, compiled = TORCH_VARIANTS[variant]
+    memory_format = getattr(torch, memory_format_name)
     device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     torch.set_num_threads(threads)
-    torch.manual_seed(0)
-    model = reference.SIGGRAPH17(width=width).to(device).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    torch.manual_seed(config.seed)
+    model = torch_siggraph17.SIGGRAPH17(width=config.model.width).to(device, memory_format=memory_format).train()
+    o = config.optimizer
+    optimizer = torch.optim.Adam(model.parameters(), lr=o.learning_rate, betas=(o.b1, o.b2))
+    network = torch.compile(model, dynamic=False) if compiled else model
+    loss = config.loss
+    pfanet = torch_pfanet.SODModel().to(device, memory_format=memory_format).eval() if loss.alpha else None
+    batch, size = config.global_batch_size, config.image_size
     l, ab = (
-        torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).contiguous().to(device)
+        torch.from_numpy(np.array(x, np.float32)).permute(0, 3, 1, 2).to(device).contiguous(memory_format=memory_format)
         for x in colorspace.rgb_uint8_to_l_ab(jnp.asarray(_random_rgb(batch, size)))
     )
-    norm = reference.AB_NORM
 
     def step():
         optimizer.zero_grad(set_to_none=True)
-        loss = F.smooth_l1_loss(model(l) / norm, ab / norm, beta=1.0 / norm)
-        loss.backward()
+        value = torch_losses.total(
+            network(l),
+            ab,
+            l,
+            alpha=loss.alpha,
+            pfanet=pfanet,
+            size=loss.pfanet_size,
+            threshold=loss.threshold,
+            norm=loss.norm,
+        )
+        value.backward()
         optimizer.step()
-        return loss
+        return value
 
     def sync(_):
         if device == "cuda":
             torch.cuda.synchronize()
 
+    compile_seconds = None
+    if compiled:  # torch.compile compiles on the first call: here, so that a failure is known before timing.
+        start = time.perf_counter()
+        sync(step())
+        compile_seconds = time.perf_counter() - start
     row = {
-        "kind": "training",
-        "model": "basenet",
-        "label": "BaseNet, PyTorch",
+        **row,
+        "label": row["label"] + label,
         "framework": "pytorch",
+        "variant": variant,
+        "memory_format": memory_format_name,
         "batch": batch,
         "image_size": size,
-        "width": width,
+        "width": config.model.width,
         "dtype": "float32",
         "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         "threads": torch.get_num_threads(),
         "torch_version": torch.__version__,
         "flops_per_image": flops_per_image,
+        "compile_seconds": compile_seconds,
     }
-    return Contestant(f"pytorch basenet b{batch}", step, batch, sync=sync, row=row)
+    return Contestant(row["name"], step, batch, sync=sync, row=row)
 
 
 def matmul(n: int, dtype: str) -> Contestant:
@@ -309,11 +376,10 @@ def colorize_run(
     colorizer: inference.Colorizer, photos: str, out_dir: str, count: int, size: int, devices: int, row: dict
 ) -> Contestant:
     """`colorize` of a folder of `count` photos, in one batch, overwriting its outputs each time."""
+    network = inference.PhotoColorizer(colorizer, batch_size=count, num_devices=devices, size=size)
 
     def step():
-        report = colorize.colorize(
-            colorizer, [photos], out_dir, overwrite=True, batch_size=count, num_devices=devices, size=size
-        )
+        report = colorize.colorize(network, [photos], out_dir, overwrite=True)
         if len(report.written) != count:
             raise RuntimeError(f"colorize wrote {len(report.written)} of {count} images: {report.failed}")
 
@@ -324,8 +390,14 @@ def colorize_run(
 # --- Groups ------------------------------------------------------------------------------------
 
 
-def training_group(args: argparse.Namespace, dtypes: Sequence[str], overrides: Sequence[str]) -> list[dict]:
-    """Every selected model x batch x dtype, the PyTorch step per batch and the matmuls, interleaved."""
+def training_group(
+    args: argparse.Namespace, dtypes: Sequence[str], overrides: Sequence[str]
+) -> tuple[list[dict], list[dict]]:
+    """Every selected model x batch x dtype, the PyTorch steps per batch and the matmuls, interleaved.
+
+    Returns:
+        (rows, skipped): the measured rows, and the PyTorch contestants that could not run and why.
+    """
     contestants = []
     for model in args.models:
         label, config_file, model_overrides = MODELS[model]
@@ -346,19 +418,53 @@ def training_group(args: argparse.Namespace, dtypes: Sequence[str], overrides: S
                         {"kind": "training", "model": model, "label": label},
                     )
                 )
-    if args.torch and _torch_available():
-        contestants += [_torch_contestant(batch, overrides) for batch in args.batches]
+    if args.torch:
+        torch_contestants, skipped = _torch_contestants(args, overrides)
+        contestants += torch_contestants
+    else:
+        skipped = [{"name": "pytorch", "reason": "--no-torch"}]
     contestants += [matmul(args.matmul_size, dtype) for dtype in dtypes]
-    return interleave(contestants, args.repeats, args.min_time)
+    return interleave(contestants, args.repeats, args.min_time), skipped
 
 
-def _torch_contestant(batch: int, overrides: Sequence[str]) -> Contestant:
-    """The PyTorch step for the network of BaseNet's config, with the JAX BaseNet step's FLOPs."""
-    config_file = CONFIGS / MODELS["basenet"][1]
-    overrides = [*overrides, f"--config.global_batch_size={batch}", "--config.dtype=float32"]
-    flops = lowered_flops_per_image(config_file, overrides)
-    config = config_util.load_config(str(config_file), overrides)
-    return torch_training(batch, config.image_size, config.model.width, _cpu_threads(), flops)
+def _torch_contestants(args: argparse.Namespace, overrides: Sequence[str]) -> tuple[list[Contestant], list[dict]]:
+    """Each --torch-variants BaseNet step per batch, and the salient counterpart if the JAX salient rows run.
+
+    Returns:
+        (contestants, skipped): what could not run, as {"name", "variant", "batch", "reason"}.
+    """
+    if not _torch_available():
+        return [], [{"name": "pytorch", "reason": "torch is not installed (pip install -e .[test])"}]
+    models = ["basenet", *(["basenet_salient"] if "smsanet_salient" in args.models else [])]
+    contestants, skipped = [], []
+    for model in models:
+        label, config_file, model_overrides = TORCH_MODELS[model]
+        # The salient counterpart runs eagerly: it prices the salient loss like for like, not at PyTorch's best.
+        variants = args.torch_variants if model == "basenet" else ["eager"]
+        for batch in args.batches:
+            batch_overrides = [
+                *overrides,
+                *model_overrides,
+                f"--config.global_batch_size={batch}",
+                "--config.dtype=float32",
+            ]
+            flops = lowered_flops_per_image(CONFIGS / config_file, batch_overrides)
+            config = config_util.load_config(str(CONFIGS / config_file), batch_overrides)
+            for variant in variants:
+                name = f"pytorch {model}{'' if variant == 'eager' else ' ' + variant} b{batch}"
+                row = {"kind": "training", "model": model, "label": label, "name": name}
+                row["salient_loss"] = bool(config.loss.alpha)
+                _log(f"preparing {name}")
+                try:
+                    contestants.append(torch_training(config, variant, _cpu_threads(), flops, row))
+                except Exception as error:  # pylint: disable=broad-except
+                    if not TORCH_VARIANTS[variant][2]:
+                        raise
+                    # torch.compile fails where its toolchain (a C++ compiler, or Triton on CUDA) does not work.
+                    reason = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"[:500]
+                    _log(f"  skipped {name}: {reason}")
+                    skipped.append({"name": name, "variant": variant, "batch": batch, "reason": reason})
+    return contestants, skipped
 
 
 def conv_impl_group(args: argparse.Namespace) -> list[dict]:
@@ -382,9 +488,9 @@ def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[
     """`colorize` with random SMSANet weights on photos of each size, interleaved."""
     with tempfile.TemporaryDirectory() as tmp:
         config_file = str(CONFIGS / "smsanet.py")
-        weights = os.path.join(tmp, "weights.msgpack")
-        bench_inference._random_weights(config_file, overrides, weights)
-        colorizer = inference.load_colorizer(params=weights, config=config_file, overrides=overrides)
+        weights_path = os.path.join(tmp, "weights.msgpack")
+        bench_inference._random_weights(config_file, overrides, weights_path)
+        colorizer = inference.load_colorizer(params=weights_path, config=config_file, overrides=overrides)
         size = colorizer.provenance["config"]["image_size"]
         contestants = []
         for width, height in args.photo_sizes:
@@ -418,20 +524,38 @@ def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[
 # --- Summary -----------------------------------------------------------------------------------
 
 
+def _pytorch_peers(rows: list[dict]) -> tuple[dict, dict]:
+    """The PyTorch rows a JAX row is scored against, keyed by (batch, salient loss): eager, and the fastest."""
+    eager, fastest = {}, {}
+    for r in rows:
+        if r.get("framework") != "pytorch":
+            continue
+        key = (r["batch"], r["salient_loss"])
+        if r["variant"] == "eager":
+            eager[key] = r
+        if key not in fastest or r["images_per_second"] > fastest[key]["images_per_second"]:
+            fastest[key] = r
+    return eager, fastest
+
+
 def score(rows: list[dict]) -> dict[str, Any]:
-    """Adds FLOP/s, fraction of peak and the PyTorch ratio to the rows; returns the headline numbers.
+    """Adds FLOP/s, fraction of peak and the PyTorch ratios to the rows; returns the headline numbers.
+
+    A JAX training row is compared with the PyTorch rows of its batch and loss: `vs_pytorch` with the
+    eager step, `vs_pytorch_best` with the fastest variant (named by `pytorch_best`).
 
     Args:
         rows: every row of the run (mutated).
 
     Returns:
-        `ratio_vs_pytorch`, `fraction_of_peak` and the rows they come from.
+        `ratio_vs_pytorch`, `ratio_vs_pytorch_best`, `ratio_vs_pytorch_salient`, `fraction_of_peak`,
+        `pytorch_best_variant` and the rows they come from.
     """
     peaks = {r["dtype"]: r["flops"] * r["images_per_second"] for r in rows if r["kind"] == "matmul"}
     for r in rows:
         if r["kind"] == "matmul":
             r["flops_per_second"] = peaks[r["dtype"]]
-    torch_rows = {r["batch"]: r for r in rows if r.get("framework") == "pytorch"}
+    eager, fastest = _pytorch_peers(rows)
     for r in rows:
         if r["kind"] not in ("training", "conv_impl"):
             continue
@@ -439,33 +563,47 @@ def score(rows: list[dict]) -> dict[str, Any]:
         r["flops_per_second"] = flops * r["images_per_second"] if flops else None
         peak = peaks.get(r["dtype"], peaks.get("float32"))
         r["fraction_of_peak"] = r["flops_per_second"] / peak if r["flops_per_second"] and peak else None
-        torch_row = torch_rows.get(r["batch"])
-        if r.get("framework") == "jax" and r["kind"] == "training" and torch_row:
-            r["vs_pytorch"] = r["images_per_second"] / torch_row["images_per_second"]
+        key = (r["batch"], r["salient_loss"])
+        if r.get("framework") == "jax" and r["kind"] == "training":
+            if key in eager:
+                r["vs_pytorch"] = r["images_per_second"] / eager[key]["images_per_second"]
+            if key in fastest:
+                r["vs_pytorch_best"] = r["images_per_second"] / fastest[key]["images_per_second"]
+                r["pytorch_best"] = fastest[key]["name"]
     headline_dtype = "float32" if jax.default_backend() == "cpu" or "bfloat16" not in peaks else "bfloat16"
-    find = lambda dtype: next(
+    find = lambda model, dtype: next(
         (
             r
             for r in rows
             if r.get("framework") == "jax"
             and r["kind"] == "training"
-            and r["model"] == HEADLINE_MODEL
+            and r["model"] == model
             and r["batch"] == HEADLINE_BATCH
             and r["dtype"] == dtype
         ),
         None,
     )
-    ratio_row, peak_row = find("float32"), find(headline_dtype)
-    torch_row = torch_rows.get(HEADLINE_BATCH)
+
+    def ratio(row: dict | None, peers: dict, salient: bool) -> float | None:
+        peer = peers.get((HEADLINE_BATCH, salient))
+        return row["images_per_second"] / peer["images_per_second"] if row and peer else None
+
+    ratio_row, salient_row = find(HEADLINE_MODEL, "float32"), find("smsanet_salient", "float32")
+    peak_row = find(HEADLINE_MODEL, headline_dtype)
+    best = fastest.get((HEADLINE_BATCH, False))
+    b = HEADLINE_BATCH
     return {
-        "ratio_vs_pytorch": (
-            ratio_row["images_per_second"] / torch_row["images_per_second"] if ratio_row and torch_row else None
-        ),
+        "ratio_vs_pytorch": ratio(ratio_row, eager, False),
+        "ratio_vs_pytorch_best": ratio(ratio_row, fastest, False),
+        "ratio_vs_pytorch_salient": ratio(salient_row, eager, True),
+        "pytorch_best_variant": best["variant"] if best else None,
         "fraction_of_peak": peak_row["fraction_of_peak"] if peak_row else None,
         "headline": {
-            "ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{HEADLINE_BATCH} / pytorch basenet "
-            f"b{HEADLINE_BATCH} images/s",
-            "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{HEADLINE_BATCH} FLOP/s "
+            "ratio_vs_pytorch": f"{HEADLINE_MODEL} float32 b{b} / pytorch basenet b{b} images/s",
+            "ratio_vs_pytorch_best": f"{HEADLINE_MODEL} float32 b{b} / the fastest PyTorch BaseNet variant b{b} "
+            f"({best['name'] if best else 'none ran'}) images/s",
+            "ratio_vs_pytorch_salient": f"smsanet_salient float32 b{b} / pytorch basenet_salient b{b} images/s",
+            "fraction_of_peak": f"{HEADLINE_MODEL} {headline_dtype} b{b} FLOP/s "
             f"(direct-convolution FLOPs) / matmul {headline_dtype} FLOP/s",
         },
     }
@@ -488,9 +626,10 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "memory_gb": _total_memory_gb(),
-        # `smsanet_jax.native`: the C++ Winograd transforms (CPU only; SMSANET_NATIVE=0 opts out).
+        "conv_path": cpu_conv.describe("auto"),  # The configs' convolutions: "cpu+native", "xla", ...
+        # `smsanet_jax.cpu.native`: the C++ Winograd transforms (CPU only; SMSANET_NATIVE=0 opts out).
         "native_winograd_transforms": jax.default_backend() == "cpu" and native.available(),
-        # `smsanet_jax.host_memory`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
+        # `smsanet_jax.cpu.malloc`: set for both frameworks, or for neither (SMSANET_MALLOC_TUNING=0).
         "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
 
@@ -526,8 +665,8 @@ def markdown(results: dict[str, Any]) -> str:
     """The run as a markdown table, with the machine and the headline numbers underneath."""
     lines = [
         "| measurement | device | dtype | batch | size | images/s | s/step (median) | GFLOP/image | GFLOP/s "
-        "| of peak | vs PyTorch | compiled memory GB |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| of peak | vs PyTorch | vs best PyTorch | compiled memory GB |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in (r for key in GROUPS for r in results[key]):
         size = (
@@ -544,7 +683,8 @@ def markdown(results: dict[str, Any]) -> str:
             f"{_fmt(r['images_per_second'], '.3g') if r['kind'] != 'matmul' else ''} | "
             f"{r['step_seconds_median']:.3g} | {_fmt(r.get('flops_per_image'), '.1f', 1e9)} | "
             f"{_fmt(r.get('flops_per_second'), '.1f', 1e9)} | {_fmt(r.get('fraction_of_peak'), '.0%')} | "
-            f"{_fmt(r.get('vs_pytorch'), '.2f')} | {_fmt(memory, '.2f', 1e9)} |"
+            f"{_fmt(r.get('vs_pytorch'), '.2f')} | {_fmt(r.get('vs_pytorch_best'), '.2f')} | "
+            f"{_fmt(memory, '.2f', 1e9)} |"
         )
     m, mem = results["machine"], results["memory"]
     lines += [
@@ -562,10 +702,14 @@ def markdown(results: dict[str, Any]) -> str:
         + (f"; device peak {mem['device_peak_bytes_in_use'] / 1e9:.2f} GB" if mem["device_peak_bytes_in_use"] else "")
         + ".",
         f"ratio_vs_pytorch = {_fmt(results['ratio_vs_pytorch'], '.2f')} "
-        f"({results['headline']['ratio_vs_pytorch']}); fraction_of_peak = "
+        f"({results['headline']['ratio_vs_pytorch']}); ratio_vs_pytorch_best = "
+        f"{_fmt(results['ratio_vs_pytorch_best'], '.2f')} ({results['headline']['ratio_vs_pytorch_best']}); "
+        f"ratio_vs_pytorch_salient = {_fmt(results['ratio_vs_pytorch_salient'], '.2f')} "
+        f"({results['headline']['ratio_vs_pytorch_salient']}); fraction_of_peak = "
         f"{_fmt(results['fraction_of_peak'], '.1%')} ({results['headline']['fraction_of_peak']}); "
         f"conv_impl_speedup (quickstart step, cpu / xla convs) = {_fmt(results['conv_impl_speedup'], '.2f')}.",
         f"bfloat16: {results['settings']['bfloat16']}.",
+        *(f"Not run: {s['name']}: {s['reason']}" for s in results["pytorch_skipped"]),
     ]
     return "\n".join(lines)
 
@@ -623,7 +767,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         action="store_true",
         help="also train in bfloat16 on a CPU (always done on GPU/TPU; slow on most CPUs)",
     )
-    parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch step")
+    parser.add_argument("--no-torch", dest="torch", action="store_false", help="skip the PyTorch steps")
+    parser.add_argument(
+        "--torch-variants",
+        type=_csv(str),
+        default=list(TORCH_VARIANTS),
+        help=f"how the PyTorch BaseNet step runs, a subset of {','.join(TORCH_VARIANTS)}",
+    )
     parser.add_argument(
         "--conv-impl",
         type=_csv(str),
@@ -654,6 +804,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     unknown = set(args.models) - set(MODELS)
     if unknown:
         parser.error(f"unknown models {sorted(unknown)}; choose from {list(MODELS)}")
+    unknown = set(args.torch_variants) - set(TORCH_VARIANTS)
+    if unknown or not args.torch_variants:
+        what = f"unknown {','.join(sorted(unknown))}" if unknown else "empty"
+        parser.error(f"--torch-variants: {what}; choose from {','.join(TORCH_VARIANTS)} (or --no-torch)")
     quick = args.quick
     defaults = {
         "batches": [1] if quick else [1, 4],
@@ -678,7 +832,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f"{jax.default_backend()} backend ({jax.devices()[0].device_kind}), load average {load_start:.2f}, "
         f"dtypes {dtypes}"
     )
-    rows = training_group(args, dtypes, overrides) if args.models else []
+    rows, torch_skipped = training_group(args, dtypes, overrides) if args.models else ([], [])
     gc.collect()  # The training states go before the next groups compile.
     if args.conv_impl:
         rows += conv_impl_group(args)
@@ -689,6 +843,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **headline,
         **{key: [r for r in rows if _group(r) == key] for key in GROUPS},
         "conv_impl_speedup": _conv_impl_speedup(rows),
+        "pytorch_skipped": torch_skipped,
         "machine": machine(),
         "memory": peak_memory(args.devices),
         "load_average": {"start": load_start, "end": os.getloadavg()[0]},
@@ -709,5 +864,5 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    host_memory.reexec_with_tuned_malloc()
+    malloc.reexec_with_tuned_malloc()
     main()

@@ -1,4 +1,4 @@
-"""Micro-benchmark of the conv ops, forward and forward+backward, "cpu" vs "xla" at BaseNet's shapes.
+"""Micro-benchmark of the conv layers, forward and forward+backward, "cpu" vs "xla" at BaseNet's shapes.
 
 Usage: python scripts/bench_ops.py [--rounds 5] [--only convT] [--dtype bfloat16] [--grads]
 
@@ -6,6 +6,8 @@ Implementations are timed interleaved (xla, cpu, xla, cpu, ...) after a warm-up 
 median and best of `--rounds` calls are reported, because other processes may share the cores.
 GFLOP/s counts the useful multiply-adds of the op (2 * N * H_out * W_out * kh * kw * I * O for the
 forward pass, three times that for forward + backward), so both implementations are scored alike.
+Each op is the model's own layer (`layers.Conv` without bias, `layers.ConvTranspose4x4` with a zero
+bias that XLA drops), so the timings follow the choice the models make.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsanet_jax import ops
+from smsanet_jax.cpu import conv as cpu_conv
+from smsanet_jax.models import layers
 
 
 class Case(NamedTuple):
@@ -51,17 +54,19 @@ CASES = (
 )
 
 
-def make_op(case: Case, impl: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The op of `case` as a function of (x, kernel)."""
+def make_op(case: Case, impl: str, dtype: jnp.dtype) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The layer of `case` as a function of (x, kernel)."""
     if case.op == "convT":
-        return lambda x, k: ops.conv_transpose_4x4_s2(x, k, impl=impl)
-    pad = case.dilation * (case.kernel - 1) // 2
-    return lambda x, k: ops.conv2d(x, k, padding=((pad, pad), (pad, pad)), dilation=(case.dilation,) * 2, impl=impl)
+        transposed = layers.ConvTranspose4x4(case.cout, dtype, conv_impl=impl)
+        bias = jnp.zeros((case.cout,), dtype)
+        return lambda x, k: transposed.apply({"params": {"kernel": k, "bias": bias}}, x)
+    conv = layers.Conv(case.cout, (case.kernel,) * 2, case.dilation, use_bias=False, dtype=dtype, conv_impl=impl)
+    return lambda x, k: conv.apply({"params": {"kernel": k}}, x)
 
 
-def timed_functions(case: Case, impl: str, grads: bool) -> dict[str, Callable]:
+def timed_functions(case: Case, impl: str, dtype: jnp.dtype, grads: bool) -> dict[str, Callable]:
     """Jitted (x, kernel, dy) -> outputs for the forward pass, forward+backward and, optionally, each gradient."""
-    op = make_op(case, impl)
+    op = make_op(case, impl, dtype)
 
     def fwd_bwd(argnums):
         def run(x, k, dy):
@@ -91,7 +96,7 @@ def bench_case(case: Case, args: argparse.Namespace) -> list[dict]:
     x = jnp.asarray(rng.standard_normal((args.batch, case.size, case.size, case.cin)), dtype)
     k = jnp.asarray(rng.standard_normal((case.kernel, case.kernel, case.cin, case.cout)) * 0.05, dtype)
     dy = jnp.asarray(rng.standard_normal((args.batch, out, out, case.cout)), dtype)
-    impls = {impl: timed_functions(case, impl, args.grads) for impl in ("xla", "cpu")}
+    impls = {impl: timed_functions(case, impl, dtype, args.grads) for impl in ("xla", "cpu")}
     flops = forward_flops(case, args.batch)
     rows = []
     for part in impls["cpu"]:
@@ -134,6 +139,7 @@ def main() -> None:
     args = parser.parse_args()
     print(
         f"backend {jax.default_backend()}, jax {jax.__version__}, {os.cpu_count()} cpus, "
+        f"cpu convs {cpu_conv.prepare('cpu')}, "
         f"load average {os.getloadavg()[0]:.1f}, dtype {args.dtype}, batch {args.batch}, "
         f"medians of {args.rounds} (convT backward: {max(2, args.rounds // 2)})"
     )

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from smsanet_jax import files
-from smsanet_jax import host_memory as malloc
+from smsanet_jax.cpu import malloc
 
 # Errors a user can fix: bad arguments, configs, files, a full disk. Anything else is a bug.
 USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)

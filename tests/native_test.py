@@ -1,9 +1,11 @@
-"""The C++ Winograd transforms against NumPy loops over windows, and their fallbacks."""
+"""The C++ Winograd transforms against NumPy loops over windows, their fallbacks, and their build outside traces."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 
 import chex
 import jax
@@ -11,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from smsanet_jax import native, ops, parallel
+from smsanet_jax import parallel
+from smsanet_jax.cpu import conv as cpu_conv
+from smsanet_jax.cpu import native, winograd
 
 
 def windows_to_planes_reference(x, matrix, window, stride, padding):
@@ -50,15 +54,15 @@ def random(shape, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-# (matrix, window, stride): the transforms of ops.py's two Winograd algorithms (the output
+# (matrix, window, stride): the transforms of winograd.py's two algorithms (the output
 # transforms and adjoints are these, transposed).
 TRANSFORMS = {
-    "F(2x2,3x3) input": (np.array(ops._F2X2_3X3.b_t), 4, 2),
-    "F(2x2,3x3) output adjoint": (np.array(ops._F2X2_3X3.a_t).T, 2, 2),
-    "F(2x2,3x3) kernel": (np.array(ops._F2X2_3X3.g), 3, 3),
-    "F(3x3,2x2) input": (np.array(ops._F3X3_2X2.b_t), 4, 3),
-    "F(3x3,2x2) output adjoint": (np.array(ops._F3X3_2X2.a_t).T, 3, 3),
-    "F(3x3,2x2) kernel": (np.array(ops._F3X3_2X2.g), 2, 2),
+    "F(2x2,3x3) input": (np.array(winograd.F2X2_3X3.b_t), 4, 2),
+    "F(2x2,3x3) output adjoint": (np.array(winograd.F2X2_3X3.a_t).T, 2, 2),
+    "F(2x2,3x3) kernel": (np.array(winograd.F2X2_3X3.g), 3, 3),
+    "F(3x3,2x2) input": (np.array(winograd.F3X3_2X2.b_t), 4, 3),
+    "F(3x3,2x2) output adjoint": (np.array(winograd.F3X3_2X2.a_t).T, 3, 3),
+    "F(3x3,2x2) kernel": (np.array(winograd.F3X3_2X2.g), 2, 2),
 }
 # (batch, height, width, channels, padding): odd sizes, channels that are no multiple of the
 # vector width or that the kernels split into slices (> 4096), padding on every side or none,
@@ -76,7 +80,7 @@ def needs_native():
     """Where there is a C++ compiler the native transforms must build; elsewhere their tests skip."""
     if not shutil.which(os.environ.get("CXX", "g++")):
         pytest.skip("no C++ compiler: the native transforms cannot be built here")
-    assert native.available()
+    assert native.prepare() is None
 
 
 @pytest.mark.parametrize("name", TRANSFORMS)
@@ -93,7 +97,7 @@ def test_windows_to_planes_matches_numpy(name, n, h, w, c, padding):
 @pytest.mark.parametrize("name", TRANSFORMS)
 @pytest.mark.parametrize("n,h,w,c,padding", GEOMETRIES)
 def test_planes_to_pixels_is_the_transpose(name, n, h, w, c, padding):
-    """planes_to_pixels takes the transposed matrix, as ops.py's output transform and input adjoint do."""
+    """planes_to_pixels takes the transposed matrix, as winograd.py's output transform and input adjoint do."""
     matrix, window, stride = TRANSFORMS[name]
     planes_shape = windows_to_planes_reference(np.zeros((n, h, w, c)), matrix, window, stride, padding).shape
     planes = random(planes_shape, seed=1)
@@ -159,16 +163,16 @@ def test_inconsistent_shapes_are_an_error_not_a_crash():
 
 
 @pytest.fixture
-def fresh_availability():
-    native.available.cache_clear()
-    yield
-    native.available.cache_clear()
+def unprepared(monkeypatch):
+    """This process as before `prepare()` (the library, once registered, stays registered)."""
+    monkeypatch.setattr(native, "_unavailable", native.NOT_PREPARED)
 
 
-def test_opting_out_leaves_the_xla_transforms(monkeypatch, fresh_availability):
+def test_opting_out_leaves_the_xla_transforms(monkeypatch, unprepared):
     monkeypatch.setenv(native.DISABLE_VARIABLE, "0")
+    assert native.prepare() == "SMSANET_NATIVE=0"
     assert not native.available()
-    assert not ops._native_transforms(jnp.ones(3))
+    assert not winograd._native_transforms(jnp.ones(3))
 
 
 def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
@@ -179,15 +183,16 @@ def test_a_failed_build_leaves_nothing_behind(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == []  # No half-built library.
 
 
-def test_a_failed_build_warns_and_falls_back(monkeypatch, fresh_availability):
+def test_a_failed_build_warns_and_falls_back(monkeypatch, unprepared):
     def fail():
         raise OSError("no compiler")
 
     # The library stays registered in this process: XLA takes each kernel name once.
     monkeypatch.setattr(native, "_registered_library", fail)
     with pytest.warns(RuntimeWarning, match="could not build the native Winograd transforms"):
-        assert not native.available()
-    with pytest.raises(RuntimeError, match="not available"):
+        assert native.prepare() == "build failed: no compiler"
+    assert cpu_conv.describe("cpu") == "cpu (xla transforms: build failed: no compiler)"
+    with pytest.raises(RuntimeError, match=r"not available \(build failed: no compiler\)"):
         native.windows_to_planes(jnp.ones((1, 4, 4, 1)), np.eye(4), 4, 2)
 
 
@@ -197,3 +202,32 @@ def test_the_library_is_built_once_per_cache(monkeypatch, tmp_path):
     assert list(tmp_path.iterdir()) == [library]
     built = library.stat().st_mtime_ns
     assert native.build() == library and library.stat().st_mtime_ns == built
+
+
+def test_the_source_compiles_without_warnings(tmp_path):
+    command = [*native._compile_command(str(tmp_path / "library.so")), "-Werror"]
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert completed.returncode == 0 and completed.stderr == "", completed.stderr
+
+
+def test_traces_never_build_the_library(monkeypatch, unprepared):
+    """Before prepare() a trace keeps the XLA transforms and builds nothing; prepare() in a trace is an error."""
+    tracing_at_build = []
+    registered = native._registered_library
+
+    def recording_build():
+        tracing_at_build.append(native._tracing())
+        return registered()
+
+    monkeypatch.setattr(native, "_registered_library", recording_build)
+    # Shapes no other test traces: jit keeps each trace, and one made before prepare() stays XLA's.
+    conv = functools.partial(cpu_conv.conv2d, padding=((1, 1), (1, 1)))
+    kernel = jnp.ones((3, 3, 72, 72))
+    assert "smsanet_windows_to_planes" not in str(jax.make_jaxpr(conv)(jnp.ones((1, 10, 6, 72)), kernel))
+    assert cpu_conv.describe("auto") == "cpu (xla transforms: not prepared before tracing)"
+    with pytest.raises(RuntimeError, match="inside a jit trace"):
+        jax.jit(lambda x: native.prepare() or x)(1.0)
+    assert tracing_at_build == []
+    assert cpu_conv.prepare("auto") == "cpu+native"
+    assert tracing_at_build == [False]
+    assert "smsanet_windows_to_planes" in str(jax.make_jaxpr(conv)(jnp.ones((1, 6, 10, 72)), kernel))

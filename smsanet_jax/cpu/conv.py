@@ -1,104 +1,141 @@
-"""Convolution primitives shared by every network (NHWC activations, HWIO kernels).
+"""The fast path for convolutions on XLA:CPU (NHWC activations, HWIO kernels).
 
-Each op has two implementations with identical parameters and results:
+`models/layers.py` decides, per convolution, between these formulations and plain
+`lax.conv_general_dilated` (`use_fast_path`, `fits_conv2d`); parameters and results are the same
+either way. XLA:CPU runs forward convolutions near its matmul rate, but not everything autodiff
+derives from them: the weight gradient of a 3x3 convolution lowers to a convolution with an
+H x W window, which falls to a third of that rate on large images; the weight gradient of the
+transposed (input-dilated) convolution takes 30-300x as long as its forward pass; and a 1x1
+convolution takes a generic loop several times slower than the matmul it is. So the formulations
+here write those gradients out (custom VJPs), and 3x3 and transposed convolutions with at least
+64 input and output channels go further: Winograd (`winograd.py`), 2.25x fewer multiplications
+than any direct form, in the forward pass and both gradients.
 
-- "xla": plain `lax.conv_general_dilated`, the path XLA lowers to cuDNN on GPU.
-- "cpu": formulations tuned for XLA:CPU. Its forward convolutions run near the matmul rate, but
-  not everything autodiff derives from them does: the weight gradient of a 3x3 convolution lowers
-  to a convolution with an H x W window, which falls to a third of that rate on large images; the
-  weight gradient of the transposed (input-dilated) convolution takes 30-300x as long as its
-  forward pass; and a 1x1 convolution takes a generic loop several times slower than the matmul it is.
-  3x3 convolutions with at least 64 input and output channels go further: Winograd F(2x2, 3x3),
-  2.25x fewer multiplications than any direct form, in the forward pass and both gradients. The
-  Winograd transforms of float32 tensors run as C++ custom calls (`native`) where they can be
-  built; the XLA formulations here serve everything else and are the reference.
-
-"auto" picks "cpu" on the CPU backend and "xla" elsewhere.
+A run calls `prepare(conv_impl)` before its model's first trace: it builds the native Winograd
+transforms (`native.py`) outside any trace and returns `describe(conv_impl)`, the path the run's
+convolutions take, for its log.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import logging
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from smsanet_jax import native
+from smsanet_jax.cpu import native, winograd
 
 _DIMENSION_NUMBERS = ("NHWC", "HWIO", "NHWC")
+# The `conv_impl` values: "auto" takes the fast path on the CPU backend and XLA's convolutions
+# elsewhere (cuDNN on GPU).
 IMPLS = ("auto", "xla", "cpu")
 
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
 
-def resolve_impl(impl: str) -> str:
-    """Maps "auto" to the implementation best suited to the default backend.
-
-    Args:
-        impl: one of `IMPLS`.
-
-    Returns:
-        "cpu" or "xla".
+def use_fast_path(conv_impl: str) -> bool:
+    """Whether convolutions take this module's formulations: `conv_impl` "cpu", or "auto" on the CPU backend.
 
     Raises:
-        ValueError: for an unknown implementation name.
+        ValueError: for a name not in `IMPLS`.
     """
-    if impl not in IMPLS:
-        raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "cpu" if jax.default_backend() == "cpu" else "xla"
-    return impl
+    if conv_impl not in IMPLS:
+        raise ValueError(f"conv_impl: {conv_impl!r} is not one of {', '.join(IMPLS)}")
+    return conv_impl == "cpu" or (conv_impl == "auto" and jax.default_backend() == "cpu")
 
 
-def conv2d(
-    x: jax.Array,
-    kernel: jax.Array,
-    *,
-    padding: Padding,
-    dilation: tuple[int, int] = (1, 1),
-    impl: str = "auto",
-) -> jax.Array:
-    """Stride-1 cross-correlation, as torch.nn.Conv2d (without bias).
+def prepare(conv_impl: str) -> str:
+    """Readies the convolutions of a run, outside any trace; logs and returns `describe(conv_impl)`.
+
+    On the fast path on the CPU backend it builds (or loads from the cache) and registers the
+    native Winograd transforms. Call it before the model's first trace: traces never build them,
+    and one made before this keeps the XLA transforms.
+
+    Raises:
+        ValueError: for a `conv_impl` not in `IMPLS`.
+        RuntimeError: when called inside a jit trace (before the library is loaded).
+    """
+    if use_fast_path(conv_impl) and jax.default_backend() == "cpu":
+        native.prepare()
+    description = describe(conv_impl)
+    logging.info("convolutions: %s", description)
+    return description
+
+
+def describe(conv_impl: str) -> str:
+    """The path that convolutions traced now take, in a few words, for a run's log and records.
+
+    "xla" (`lax.conv_general_dilated`), "cpu+native" (this module's formulations with the C++
+    Winograd transforms for float32) or "cpu (xla transforms: why)" ("SMSANET_NATIVE=0",
+    "build failed: ...", "not prepared before tracing", or another backend's name).
+
+    Raises:
+        ValueError: for a `conv_impl` not in `IMPLS`.
+    """
+    if not use_fast_path(conv_impl):
+        return "xla"
+    backend = jax.default_backend()
+    reason = native.unavailable_reason() if backend == "cpu" else f"the {backend} backend"
+    return "cpu+native" if reason is None else f"cpu (xla transforms: {reason})"
+
+
+def _formulation(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int]) -> str | None:
+    """Which of this module's formulations computes the convolution, or None for XLA's own."""
+    (kh, kw), d = kernel.shape[:2], dilation[0]
+    if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+        return "matmul"
+    if (kh, kw) == (3, 3) and dilation == (d, d) and padding == ((d, d), (d, d)) and winograd.fits(x, kernel):
+        return "winograd"
+    if _fits_shifted_vjp(kernel.shape, padding, dilation):
+        return "shifted_vjp"
+    return None
+
+
+def fits_conv2d(x: jax.Array, kernel: jax.Array, padding: Padding, dilation: tuple[int, int] = (1, 1)) -> bool:
+    """Whether `conv2d` serves this convolution: 1x1 unpadded, or 3x3 (dilation 1-2, or 'same' and wide).
+
+    The others keep XLA's own convolution (see `_fits_shifted_vjp`).
+    """
+    return _formulation(x, kernel, _as_padding(padding), tuple(dilation)) is not None
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, *, padding: Padding, dilation: tuple[int, int] = (1, 1)) -> jax.Array:
+    """Stride-1 cross-correlation, as torch.nn.Conv2d (without bias), for the convs `fits_conv2d` accepts.
 
     Args:
         x: [N, H, W, I] input.
         kernel: [kh, kw, I, O] kernel, same dtype as `x`.
         padding: ((top, bottom), (left, right)) zero padding.
         dilation: kernel dilation (dy, dx).
-        impl: "auto", "xla" or "cpu".
 
     Returns:
         [N, H', W', O] output in the dtype of `x`.
+
+    Raises:
+        ValueError: for a convolution `fits_conv2d` rejects.
     """
-    padding = tuple(tuple(p) for p in padding)
-    dilation = tuple(dilation)
-    if resolve_impl(impl) == "cpu":
-        if kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
-            return _conv1x1(x, kernel)
-        d = dilation[0]
-        if (
-            kernel.shape[:2] == (3, 3)
-            and dilation == (d, d)
-            and padding == ((d, d), (d, d))
-            and _fits_winograd(x, kernel)
-        ):
-            return _conv3x3_winograd(x, kernel, d)
-        if _fits_shifted_vjp(kernel.shape, padding, dilation):
-            return _conv_shifted_vjp(x, kernel, padding, dilation)
-    return lax.conv_general_dilated(
-        x, kernel, window_strides=(1, 1), padding=padding, rhs_dilation=dilation, dimension_numbers=_DIMENSION_NUMBERS
+    padding, dilation = _as_padding(padding), tuple(dilation)
+    formulation = _formulation(x, kernel, padding, dilation)
+    if formulation == "matmul":
+        return _conv1x1(x, kernel)
+    if formulation == "winograd":
+        return _conv3x3_winograd(x, kernel, dilation[0])
+    if formulation == "shifted_vjp":
+        return _conv_shifted_vjp(x, kernel, padding, dilation)
+    raise ValueError(
+        f"no XLA:CPU formulation for a {kernel.shape[:2]} kernel with padding {padding} and dilation {dilation}: "
+        "check fits_conv2d first"
     )
 
 
-def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto") -> jax.Array:
+def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """torch.nn.ConvTranspose2d(kernel_size=4, stride=2, padding=1) without bias.
 
     Args:
         x: [N, H, W, I] input.
         kernel: [4, 4, I, O] kernel; `kernel[ky, kx, i, o]` equals torch's `weight[i, o, ky, kx]`.
-        impl: "auto", "xla" or "cpu".
 
     Returns:
         [N, 2H, 2W, O] output in the dtype of `x`.
@@ -108,24 +145,14 @@ def conv_transpose_4x4_s2(x: jax.Array, kernel: jax.Array, *, impl: str = "auto"
     """
     if kernel.shape[:2] != (4, 4):
         raise ValueError(f"conv_transpose_4x4_s2 needs a 4x4 kernel, got {kernel.shape}")
-    if resolve_impl(impl) == "cpu":
-        if _fits_winograd(x, kernel):
-            return _conv_transpose_winograd(x, kernel)
-        return _conv_transpose_by_phases(x, kernel)
-    # A transposed convolution is a correlation of the 2x-dilated input, padded by k - 1 - p = 2,
-    # with the spatially flipped kernel.
-    return lax.conv_general_dilated(
-        x,
-        jnp.flip(kernel, (0, 1)),
-        window_strides=(1, 1),
-        padding=((2, 2), (2, 2)),
-        lhs_dilation=(2, 2),
-        dimension_numbers=_DIMENSION_NUMBERS,
-    )
+    if winograd.fits(x, kernel):
+        return _conv_transpose_winograd(x, kernel)
+    return _conv_transpose_by_phases(x, kernel)
 
 
-# ---------------------------------------------------------------------------------------------
-# XLA:CPU formulations.
+def _as_padding(padding) -> Padding:
+    """((top, bottom), (left, right)) as hashable tuples (a static argument of the jitted forms)."""
+    return tuple(tuple(p) for p in padding)
 
 
 def _fits_shifted_vjp(kernel_shape: tuple[int, ...], padding: Padding, dilation: tuple[int, int]) -> bool:
@@ -246,210 +273,6 @@ _conv_shifted_vjp.defvjp(_conv_shifted_vjp_fwd, _conv_shifted_vjp_bwd)
 _conv_shifted_vjp = jax.jit(_conv_shifted_vjp, static_argnums=(2, 3))
 
 
-# Winograd's minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks",
-# 2016). F(m x m, r x r) computes each m x m output tile of a valid r x r correlation as
-# A^T [(G g G^T) * (B^T d B)] A from its (m + r - 1)^2 input tile d and the kernel g. Over all
-# tiles and channels the elementwise product is (m + r - 1)^2 matmuls [tiles, I] x [I, O]. The
-# gradients are the adjoint: dy transformed once (A), two more sets of matmuls give the tiles' and
-# the transformed kernel's gradients. The direct forms already run at the matmul peak, so the gain
-# is the multiplications saved, less the transforms' memory traffic ((m + r - 1)^2 / m^2 times the
-# activations, in each direction). The matrices come from Toom-Cook on the points 0, 1, -1 and
-# infinity, whose transforms only add, subtract and halve: F(2x2, 3x3) (16 multiplications per
-# 2x2 output tile instead of 36) is as close to float64 as XLA's direct convolutions (~5e-7
-# relative). Larger tiles need a larger point (2 or 1/2), and their rounding differs between the
-# pixels of a tile: F(3x3, 3x3) was 1.35-1.45x faster per layer and 2-8e-6 from float64 per op,
-# but train-mode BN on near-constant channels magnified that into gradients 3% (median, against
-# XLA's 0.04%) from float64 in the BaseNet step test; F(4x4, 3x3) is 1-2e-5 per op.
-class _Winograd(NamedTuple):
-    b_t: tuple[tuple[float, ...], ...]  # [m + r - 1, m + r - 1]
-    g: tuple[tuple[float, ...], ...]  # [m + r - 1, r]
-    a_t: tuple[tuple[float, ...], ...]  # [m, m + r - 1]
-
-
-_F2X2_3X3 = _Winograd(
-    b_t=((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1)),
-    g=((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1)),
-    a_t=((1, 1, 1, 0), (0, 1, -1, -1)),
-)
-# For the transposed convolution's 2x2 kernels, from the same points: 16 multiplications per 3x3
-# output tile instead of 36.
-_F3X3_2X2 = _Winograd(
-    b_t=((-1, 0, 1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, -1, 0, 1)),
-    g=((-1, 0), (0.5, 0.5), (0.5, -0.5), (0, 1)),
-    a_t=((1, 1, 1, 0), (0, 1, -1, 0), (0, 1, 1, 1)),
-)
-# Below this many input or output channels the transforms' memory traffic outweighs the saved
-# multiplications on XLA:CPU (fwd + bwd, batch 1, against the direct forms: BaseNet's 3x3
-# layers 1.1-1.8x faster, the 4 -> 64 input layer 2.6x and a 512 -> 32 one 1.2x slower).
-_WINOGRAD_MIN_CHANNELS = 64
-
-
-def _fits_winograd(x: jax.Array, kernel: jax.Array) -> bool:
-    """Whether Winograd serves a conv of this kernel's shape on `x`: wide, float32 or float64."""
-    return min(kernel.shape[2:]) >= _WINOGRAD_MIN_CHANNELS and x.dtype in (jnp.float32, jnp.float64)
-
-
-def _combine(matrix, terms: list[jax.Array], axis: int) -> jax.Array:
-    """jnp.stack([sum_i M[a][i] terms[i] for each row a of M], axis) for a small constant matrix M.
-
-    Written out term by term (the matrices hold 0, +-1 and +-0.5) rather than as a dot, so that XLA
-    fuses the whole stack into one elementwise loop. The 2-D transforms apply this along rows,
-    then along columns: m + r - 1 terms per fusion, where a one-pass transform's (m + r - 1)^2 end
-    up as as many fusions and a copy.
-    """
-    rows = []
-    for coefficients in matrix:
-        total = None
-        for weight, term in zip(coefficients, terms):
-            if weight:
-                term = term if weight == 1 else -term if weight == -1 else weight * term
-                total = term if total is None else total + term
-        rows.append(total)
-    return jnp.stack(rows, axis)
-
-
-def _transposed(matrix):
-    return tuple(zip(*matrix))
-
-
-def _native_transforms(array: jax.Array) -> bool:
-    """Whether this array's transforms go to the C++ kernels (`native`): float32 on XLA:CPU."""
-    return array.dtype == jnp.float32 and jax.default_backend() == "cpu" and native.available()
-
-
-# The transformed planes are ordered (column, row) of the tile: plane (m + r - 1) * c + row.
-def _winograd_input_tiles(x: jax.Array, algorithm: _Winograd, padding: Padding) -> jax.Array:
-    """[N, H, W, I] -> [tile planes, tiles, I]: B^T d B of every tile of x zero-padded by `padding`.
-
-    The output, (H + padding - r + 1) x (W + padding - r + 1), must be a whole number of m x m tiles.
-    """
-    step, size = len(algorithm.a_t), len(algorithm.b_t)
-    if _native_transforms(x):
-        return native.windows_to_planes(x, algorithm.b_t, size, step, padding)
-    x = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    out_h, out_w = (x.shape[i] - len(algorithm.g[0]) + 1 for i in (1, 2))
-    # Tile (p, q) starts at pixel (step * p, step * q).
-    rows = _combine(algorithm.b_t, [x[:, i : i + out_h : step] for i in range(size)], 0)  # [row, N, tiles, W, I]
-    tiles = _combine(algorithm.b_t, [rows[:, :, :, j : j + out_w : step] for j in range(size)], 0)
-    return tiles.reshape(size * size, -1, x.shape[-1])
-
-
-def _overlap_add(parts: list[jax.Array], axis: int, step: int, length: int) -> jax.Array:
-    """Sums tile-sized pieces back onto pixels: out[step * q + j] += parts[j][q] along `axis`.
-
-    Tiles start every `step` pixels, so piece j = step * s + t lands on pixel phase t, shifted by
-    s tiles: per phase, a sum of padded pieces; the phases interleave into `length` pixels.
-    """
-    shifts = (len(parts) - 1) // step
-    phases = []
-    for t in range(step):
-        total = None
-        for s in range(shifts + 1):
-            if step * s + t < len(parts):
-                padding = [(0, 0)] * parts[0].ndim
-                padding[axis] = (s, shifts - s)
-                term = jnp.pad(parts[step * s + t], padding)
-                total = term if total is None else total + term
-        phases.append(total)
-    interleaved = jnp.stack(phases, axis + 1)
-    shape = list(parts[0].shape)
-    shape[axis] = (shape[axis] + shifts) * step
-    return lax.slice_in_dim(interleaved.reshape(shape), 0, length, axis=axis)
-
-
-def _winograd_input_adjoint(
-    dtiles: jax.Array, x_shape: tuple[int, ...], algorithm: _Winograd, padding: Padding
-) -> jax.Array:
-    """The adjoint of `_winograd_input_tiles`: [tile planes, tiles, I] -> [N, H, W, I].
-
-    Written out (B d B^T per tile, then overlapping tiles summed and the padding cropped) because
-    the transpose autodiff derives, strided pads and adds, ran 2-5x as long.
-    """
-    step, size, b = len(algorithm.a_t), len(algorithm.b_t), _transposed(algorithm.b_t)
-    if _native_transforms(dtiles):
-        return native.planes_to_pixels(dtiles, b, size, step, x_shape, padding)
-    (top, bottom), (left, right) = padding
-    n, h, w, cin = x_shape[0], x_shape[1] + top + bottom, x_shape[2] + left + right, x_shape[3]
-    r = len(algorithm.g[0])
-    dtiles = dtiles.reshape(size, size, n, (h - r + 1) // step, (w - r + 1) // step, cin)  # [column, row, ...]
-    columns = _combine(b, [dtiles[c] for c in range(size)], 0)  # [column pixel, row, N, H/m, W/m, I]
-    rows = _overlap_add([columns[j] for j in range(size)], 3, step, w)  # [row, N, H/m, W, I]
-    pixels = _combine(b, [rows[i] for i in range(size)], 0)  # [row pixel, N, H/m, W, I]
-    dx = _overlap_add([pixels[i] for i in range(size)], 1, step, h)
-    return dx[:, top : h - bottom, left : w - right]
-
-
-def _winograd_kernel_tiles(kernel: jax.Array, algorithm: _Winograd) -> jax.Array:
-    """[r, r, I, O] -> [tile planes, I, O]: G g G^T."""
-    r = len(algorithm.g[0])
-    if _native_transforms(kernel):  # As an image of one r x r window with I * O channels.
-        planes = native.windows_to_planes(kernel.reshape(1, r, r, -1), algorithm.g, r, r)
-        return planes.reshape(-1, *kernel.shape[2:])
-    rows = _combine(algorithm.g, [kernel[i] for i in range(r)], 0)  # [row, r, I, O]
-    return _combine(algorithm.g, [rows[:, j] for j in range(r)], 0).reshape(-1, *kernel.shape[2:])
-
-
-def _winograd_kernel_adjoint(dkernel_tiles: jax.Array, algorithm: _Winograd) -> jax.Array:
-    """The adjoint of `_winograd_kernel_tiles`: [tile planes, I, O] -> [r, r, I, O]."""
-    size, r, g = len(algorithm.b_t), len(algorithm.g[0]), _transposed(algorithm.g)
-    if _native_transforms(dkernel_tiles):
-        cin, cout = dkernel_tiles.shape[1:]
-        pixels = native.planes_to_pixels(dkernel_tiles.reshape(size * size, 1, -1), g, r, r, (1, r, r, cin * cout))
-        return pixels.reshape(r, r, cin, cout)
-    dkernel_tiles = dkernel_tiles.reshape(size, size, *dkernel_tiles.shape[1:])  # [column, row, I, O]
-    rows = _combine(g, [dkernel_tiles[:, i] for i in range(size)], 0)  # [r rows, column, I, O]
-    return _combine(g, [rows[:, j] for j in range(size)], 1)
-
-
-def _winograd_output(products: jax.Array, out_shape: tuple[int, int, int], algorithm: _Winograd) -> jax.Array:
-    """[tile planes, tiles, O] -> [N, H', W', O] (`out_shape` = (N, H', W')): A^T m A, tiles in place."""
-    (n, h, w), step, size = out_shape, len(algorithm.a_t), len(algorithm.b_t)
-    if _native_transforms(products):
-        return native.planes_to_pixels(products, algorithm.a_t, step, step, (n, h, w, products.shape[-1]))
-    products = products.reshape(size, size, n, h // step, w // step, -1)  # [column, row, N, ...]
-    rows = _combine(algorithm.a_t, [products[:, i] for i in range(size)], 3)  # [column, N, H'/m, m, W'/m, O]
-    y = _combine(algorithm.a_t, [rows[j] for j in range(size)], 4)  # [N, H'/m, m, W'/m, m, O]
-    return y.reshape(n, h, w, -1)
-
-
-def _winograd_output_adjoint(dy: jax.Array, algorithm: _Winograd) -> jax.Array:
-    """The adjoint of `_winograd_output`: [N, H', W', O] -> [tile planes, tiles, O], A dy A^T per tile."""
-    step, a = len(algorithm.a_t), _transposed(algorithm.a_t)
-    if _native_transforms(dy):
-        return native.windows_to_planes(dy, a, step, step)
-    rows = _combine(a, [dy[:, i::step] for i in range(step)], 0)  # [row, N, H'/m, W', O]
-    tiles = _combine(a, [rows[:, :, :, j::step] for j in range(step)], 0)
-    return tiles.reshape(len(a) ** 2, -1, dy.shape[-1])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _winograd_correlation(x: jax.Array, kernel: jax.Array, algorithm: _Winograd, padding: Padding) -> jax.Array:
-    """r x r correlation of [N, H, W, I] zero-padded by `padding`; its output is whole m x m tiles."""
-    return _winograd_correlation_fwd(x, kernel, algorithm, padding)[0]
-
-
-def _winograd_correlation_fwd(x, kernel, algorithm, padding):
-    tiles = _winograd_input_tiles(x, algorithm, padding)
-    kernel_tiles = _winograd_kernel_tiles(kernel, algorithm)
-    out_shape = (x.shape[0], *(x.shape[i] + sum(padding[i - 1]) - kernel.shape[0] + 1 for i in (1, 2)))
-    y = _winograd_output(jnp.matmul(tiles, kernel_tiles, preferred_element_type=x.dtype), out_shape, algorithm)
-    return y, (tiles, kernel_tiles)
-
-
-def _winograd_correlation_bwd(algorithm, padding, residuals, dy):
-    tiles, kernel_tiles = residuals
-    dproducts = _winograd_output_adjoint(dy, algorithm)
-    dtiles = jnp.einsum("tpo,tio->tpi", dproducts, kernel_tiles, preferred_element_type=dy.dtype)
-    r = len(algorithm.g[0])
-    x_shape = (dy.shape[0], *(dy.shape[i] + r - 1 - sum(padding[i - 1]) for i in (1, 2)), tiles.shape[-1])
-    dx = _winograd_input_adjoint(dtiles, x_shape, algorithm, padding)
-    dkernel_tiles = jnp.einsum("tpi,tpo->tio", tiles, dproducts, preferred_element_type=dy.dtype)
-    return dx, _winograd_kernel_adjoint(dkernel_tiles, algorithm)
-
-
-_winograd_correlation.defvjp(_winograd_correlation_fwd, _winograd_correlation_bwd)
-
-
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
@@ -471,7 +294,7 @@ def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
         .transpose(2, 4, 0, 1, 3, 5)
         .reshape(d * d * n, rows // d, cols // d, cin)
     )
-    y = _winograd_correlation(phases, kernel, _F2X2_3X3, ((1, 1), (1, 1)))
+    y = winograd.correlation(phases, kernel, winograd.F2X2_3X3, ((1, 1), (1, 1)))
     y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
     return y[:, :h, :w]
 
@@ -545,5 +368,5 @@ def _conv_transpose_winograd(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """
     n, h, w, _ = x.shape
     rows, cols = _round_up(h + 1, 3), _round_up(w + 1, 3)
-    grid = _winograd_correlation(x, _phase_kernel(kernel), _F3X3_2X2, ((1, rows - h), (1, cols - w)))
+    grid = winograd.correlation(x, _phase_kernel(kernel), winograd.F3X3_2X2, ((1, rows - h), (1, cols - w)))
     return _interleave_phases(grid[:, : h + 1, : w + 1])

@@ -1,6 +1,6 @@
-// Winograd transforms for XLA:CPU, as XLA FFI custom calls (built and loaded by native.py).
+// Winograd transforms for XLA:CPU, as XLA FFI custom calls (built and loaded by native.py's prepare()).
 //
-// Every transform that ops.py's Winograd convolution needs is one of two shapes, with a small
+// Every transform that winograd.py's convolution needs is one of two shapes, with a small
 // constant matrix M applied along both spatial axes of each window:
 //
 //   windows_to_planes: plane (b, a) of window (p, q) = sum_ij M[a][i] M[b][j] x[s*p + i, s*q + j]

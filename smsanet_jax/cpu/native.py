@@ -1,15 +1,19 @@
-"""Native (C++) XLA:CPU kernels for the Winograd transforms, built on first use.
+"""Native (C++) XLA:CPU kernels for the Winograd transforms, built by `prepare()` outside any trace.
 
 The tile transforms move 4x the activations through memory and were a quarter of a CPU training
 step. XLA fuses each into two passes over a 4x expanded array, and the zero padding into a copy
 of its own; `native.cc` does a tile at a time in cache, in one pass, padding included: 1.3-2x
-faster per transform, about 10% on the SMSANet step with the kernel transforms. It is compiled
-with the machine's C++ compiler ($CXX, else g++) against the XLA FFI headers of the installed
-jaxlib, the first time a process needs it, and cached in $SMSANET_NATIVE_CACHE (default
-~/.cache/smsanet_jax) under a name that hashes the source, the jaxlib version, the compiler and
-the CPU, so a cache shared by different machines or upgrades never serves a stale build. Without
-a compiler (after one warning), or with SMSANET_NATIVE=0, `available()` is False and ops.py keeps
-its XLA formulations of the transforms.
+faster per transform, about 10% on the SMSANet step with the kernel transforms.
+
+`prepare()` compiles it with the machine's C++ compiler ($CXX, else g++; warnings on) against the
+XLA FFI headers of the installed jaxlib, once per cache, and registers it with XLA once per
+process. Whoever builds a model for a run calls it (through `conv.prepare`) before the first
+trace; a trace only reads `available()`, so the compiler never runs inside one, and a trace made
+before `prepare()` keeps the XLA transforms. The library is cached in $SMSANET_NATIVE_CACHE
+(default ~/.cache/smsanet_jax) under a name that hashes the source, the jaxlib version, the
+compiler, its flags and the CPU, so a cache shared by different machines or upgrades never serves
+a stale build. Without a compiler (after one warning), or with SMSANET_NATIVE=0, `available()`
+stays False and `winograd.py` keeps its XLA formulations of the transforms.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import pathlib
 import subprocess
@@ -35,8 +40,11 @@ from jax.sharding import PartitionSpec as P
 
 _SOURCE = pathlib.Path(__file__).with_suffix(".cc")
 _TARGETS = {"smsanet_windows_to_planes": "SmsanetWindowsToPlanes", "smsanet_planes_to_pixels": "SmsanetPlanesToPixels"}
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")
 DISABLE_VARIABLE = "SMSANET_NATIVE"
+NOT_PREPARED = "not prepared before tracing"
+# Why the transforms cannot run: NOT_PREPARED until `prepare()`, then None once they are registered.
+_unavailable: str | None = NOT_PREPARED
 
 
 def _cpu_signature() -> str:
@@ -53,31 +61,38 @@ def _cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SMSANET_NATIVE_CACHE", default))
 
 
+def _compiler() -> str:
+    return os.environ.get("CXX", "g++")
+
+
+def _compile_command(output: str) -> list[str]:
+    """The command line that builds the library at `output`."""
+    return [_compiler(), *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", output]
+
+
 def build() -> pathlib.Path:
     """Compiles the library unless the cache holds it; returns its path.
 
     Raises:
         OSError, subprocess.CalledProcessError: when it cannot be built.
     """
-    compiler = os.environ.get("CXX", "g++")
     key = hashlib.sha256(
-        "\0".join([_SOURCE.read_text(), jaxlib.__version__, compiler, *_FLAGS, _cpu_signature()]).encode()
+        "\0".join([_SOURCE.read_text(), jaxlib.__version__, _compiler(), *_FLAGS, _cpu_signature()]).encode()
     ).hexdigest()[:16]
     library = _cache_dir() / f"smsanet_native-{key}.so"
     if library.exists():
         return library
     library.parent.mkdir(parents=True, exist_ok=True)
     # Built under a temporary name and renamed into place, so that processes building at once
-    # (the hosts of a job on one machine) never load a half-written file.
+    # (the hosts of a job on one machine) never load a half-written file. The compiler writes the
+    # file itself, which `files.atomic_write` (a writer handed an open file, in a layer above
+    # this one) does not fit.
     fd, partial = tempfile.mkstemp(suffix=".so", dir=library.parent)
     os.close(fd)
     try:
-        subprocess.run(
-            [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(_SOURCE), "-o", partial],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+        completed = subprocess.run(_compile_command(partial), check=True, capture_output=True, text=True)
+        if completed.stderr:
+            logging.debug("compiler warnings for %s:\n%s", _SOURCE.name, completed.stderr)
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
@@ -95,23 +110,60 @@ def _registered_library() -> ctypes.CDLL:
     return library
 
 
-@functools.cache
-def available() -> bool:
-    """Whether the native transforms are built and registered (decided once per process)."""
+def _tracing() -> bool:
+    """Whether a jit, make_jaxpr or eval_shape trace is under way: a new constant is then a tracer."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
+def _load() -> str | None:
+    """Builds and registers the library; returns None, or why the transforms cannot run."""
     if os.environ.get(DISABLE_VARIABLE) == "0":
-        return False
+        return f"{DISABLE_VARIABLE}=0"
     try:
         _registered_library()
     except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", None) or error
+        detail = str(getattr(error, "stderr", None) or error).strip()
         warnings.warn(
             f"smsanet_jax: could not build the native Winograd transforms ({detail}); "
             "using the XLA ones, which are slower",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-        return False
-    return True
+        lines = detail.splitlines() or [type(error).__name__]
+        return "build failed: " + next((line for line in lines if "error" in line), lines[0])
+    return None
+
+
+def prepare() -> str | None:
+    """Builds (or finds in the cache) and registers the native transforms, once per process.
+
+    Call it outside any trace, before the model's first one: traces only read `available()`.
+
+    Returns:
+        None when the transforms are registered, else why not ("SMSANET_NATIVE=0", "build failed: ...").
+
+    Raises:
+        RuntimeError: when called inside a jit trace before the library is loaded.
+    """
+    global _unavailable
+    if _unavailable == NOT_PREPARED:
+        if _tracing():
+            raise RuntimeError(
+                "smsanet_jax.cpu.native.prepare() was called inside a jit trace; call it (or "
+                "smsanet_jax.cpu.conv.prepare) before tracing, so that the compiler never runs in one"
+            )
+        _unavailable = _load()
+    return _unavailable
+
+
+def unavailable_reason() -> str | None:
+    """None when the native transforms are registered, else why not (`NOT_PREPARED` before `prepare()`)."""
+    return _unavailable
+
+
+def available() -> bool:
+    """Whether `prepare()` registered the native transforms; never builds anything."""
+    return _unavailable is None
 
 
 class _Geometry(NamedTuple):
@@ -136,11 +188,11 @@ class _Geometry(NamedTuple):
 
 
 def _geometry(matrix, window: int, stride: int, image_shape: tuple[int, ...], padding) -> _Geometry:
-    """The attributes of a transform; registers the kernels (they must be `available()`)."""
+    """The attributes of a transform (the kernels must be `available()`)."""
     if not available():
         raise RuntimeError(
-            "the native Winograd transforms are not available (see the warning, or "
-            f"{DISABLE_VARIABLE}=0): use ops.py's XLA formulations"
+            f"the native Winograd transforms are not available ({_unavailable}): call prepare() before "
+            "tracing, or use winograd.py's XLA formulations"
         )
     (top, bottom), (left, right) = padding
     height, width = image_shape[1:3]

@@ -104,7 +104,7 @@ class BaseNet(nn.Module):
       n_scales: SMSA's n (n-1 spatial scales plus the channel scale).
       reduction: channel-MLP reduction ratio r of SMSA, CBAM and SE.
       dtype: compute dtype; params stay float32 and the returned ab is float32.
-      conv_impl: convolution implementation, see `smsanet_jax.ops`.
+      conv_impl: convolution implementation, see `smsanet_jax.cpu.conv`.
     """
 
     width: int = 64

@@ -199,7 +199,7 @@ class PFANet(nn.Module):
     Attributes:
       variant: "s" (PyTorch port, the default) or "k" (official Keras layout).
       dtype: compute dtype; parameters and BatchNorm statistics stay float32.
-      conv_impl: convolution implementation, see `smsanet_jax.ops`.
+      conv_impl: convolution implementation, see `smsanet_jax.cpu.conv`.
     """
 
     variant: str = "s"

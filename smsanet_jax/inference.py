@@ -6,7 +6,7 @@ the photo is resized to 256x256 RGB (Pillow bicubic, antialiased, aspect ratio n
 et al.'s `colorizers` demo does), its L goes through the network with the point hints, and only
 the predicted ab is upsampled (bilinear, half-pixel centres) to the original size and merged with
 the original full-resolution L, then converted to uint8 sRGB; out-of-gamut colours lose chroma
-rather than lightness (`fit_chroma`), so the output's L is the original's within uint8 rounding.
+rather than lightness (`full_resolution.fit_chroma`), so the output's L is the original's within uint8 rounding.
 
 Nothing here imports TensorFlow, tensorflow_datasets or grain.
 """
@@ -27,11 +27,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from smsanet_jax import checkpointing, colorspace, config_util, hints, parallel, state, weights
+from smsanet_jax import checkpointing, colorspace, config_util, full_resolution, hints, parallel, state, weights
 
 BASELINES = ("gray",)
-# Bisection steps of `fit_chroma`: out-of-gamut chroma is kept to within 2^-8 of the largest that fits.
-_CHROMA_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,59 +164,14 @@ def _network_ab(apply_fn, variables: Any, rgb_small: jax.Array, ab_hint: jax.Arr
     return apply_fn(variables, l, ab_hint, mask, train=False).astype(jnp.float32)
 
 
-def fit_chroma(l: jax.Array, ab: jax.Array) -> jax.Array:
-    """Shrinks each pixel's ab toward gray just enough that its colour fits in sRGB.
-
-    Clipping an out-of-gamut colour in RGB (what lab2rgb does) changes its lightness, by up to
-    ~10 L units for saturated dark or bright predictions; scaling the chroma instead keeps L and
-    hue. The scale is the largest in [0, 1] (bisection, 2^-`_CHROMA_STEPS` resolution) at which
-    no sRGB channel needs clipping; gray (scale 0) is always kept.
-
-    Args:
-      l: L in [0, 100], [..., 1].
-      ab: raw ab, [..., 2].
-
-    Returns:
-      The scaled ab, [..., 2].
-    """
-
-    def fits(scale):
-        # lab_to_rgb clips to [0, 1]: a channel at a bound means the colour was (at least) on the edge.
-        rgb = colorspace.lab_to_rgb(colorspace.lab_from_l_ab(l, ab * scale))
-        return jnp.all((rgb > 0.0) & (rgb < 1.0), axis=-1, keepdims=True)
-
-    def bisect(_, bounds):
-        lo, hi = bounds
-        mid = 0.5 * (lo + hi)
-        good = fits(mid)
-        return jnp.where(good, mid, lo), jnp.where(good, hi, mid)
-
-    lo = jnp.where(fits(1.0), 1.0, 0.0)
-    lo, _ = jax.lax.fori_loop(0, _CHROMA_STEPS, bisect, (lo, jnp.ones_like(lo)))
-    return ab * lo
-
-
 @functools.lru_cache(maxsize=4)
 def _compiled_network(apply_fn):
     """The jitted network of one model: colorizing again reuses the compilation."""
     return jax.jit(functools.partial(_network_ab, apply_fn))
 
 
-@jax.jit
-def merge_full_resolution(rgb: jax.Array, ab_small: jax.Array) -> jax.Array:
-    """The original L with the network's ab upsampled to its size, as uint8 sRGB.
-
-    Args:
-      rgb: the original image, uint8 [H, W, 3].
-      ab_small: predicted raw ab [h, w, 2] at the network's resolution.
-
-    Returns:
-      uint8 [H, W, 3], whose L equals the original's within uint8 rounding (see `fit_chroma`).
-    """
-    l = colorspace.rgb_uint8_to_lab(rgb)[..., :1]
-    # Bilinear with half-pixel centres (torch's align_corners=False, as Zhang et al.'s postprocess).
-    ab = jax.image.resize(ab_small, rgb.shape[:2] + (2,), "bilinear")
-    return colorspace.lab_to_rgb_uint8(colorspace.lab_from_l_ab(l, fit_chroma(l, ab)))
+# The full-resolution merge (NumPy-capable, see `full_resolution`), compiled once per photo size.
+merge_full_resolution = jax.jit(full_resolution.merge)
 
 
 class PhotoColorizer:

@@ -269,6 +269,7 @@ def basenet_loss_and_grads(impl, dtype):
     return jax.jit(jax.value_and_grad(loss_fn))(variables["params"])
 
 
+@pytest.mark.slow  # 35-40 s on 2 shared cores: four BaseNet steps compiled.
 def test_basenet_training_step_is_the_same_with_either_impl():
     """The same loss and gradients either way: exactly (float64) and as accurately (float32).
 

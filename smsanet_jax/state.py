@@ -14,6 +14,7 @@ import optax
 from flax.training import train_state
 
 from smsanet_jax import parallel, weights
+from smsanet_jax.cpu import conv as cpu_conv
 from smsanet_jax.models import SMSANet
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -26,7 +27,12 @@ class TrainState(train_state.TrainState):
 
 
 def build_model(config: ml_collections.ConfigDict) -> nn.Module:
-    """The colorizer a config describes (BaseNet is SMSANet with attention "none")."""
+    """The colorizer a config describes (BaseNet is SMSANet with attention "none").
+
+    The CPU convolutions' native library is built or loaded here, before any trace, so that the
+    first jit never runs a compiler (`cpu.conv.prepare`; it logs which convolution path runs).
+    """
+    cpu_conv.prepare(config.conv_impl)
     m = config.model
     return SMSANet(
         attention=m.attention,

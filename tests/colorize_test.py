@@ -9,7 +9,7 @@ import skimage.data
 from PIL import Image
 from skimage import color
 
-from smsanet_jax import cli, colorize, inference
+from smsanet_jax import cli, colorize, hints, image_files, inference
 from tests import tiny_checkpoint
 
 # Rounding sRGB to uint8 moves L by at most ~0.25 (measured over random colours); in-gamut colours
@@ -20,7 +20,7 @@ L_TOLERANCE = 0.3
 @pytest.fixture(scope="module")
 def colorizer(tmp_path_factory):
     workdir, _ = tiny_checkpoint.trained_workdir(tmp_path_factory)
-    return inference.load_colorizer(workdir=workdir)
+    return inference.PhotoColorizer(inference.load_colorizer(workdir=workdir), batch_size=8)
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +60,12 @@ def test_full_resolution_outputs_keep_size_and_lightness(colorizer, photos, tmp_
 
 def test_a_hint_changes_colours_near_it_more_than_far_away(colorizer, photos, tmp_path):
     x, y = 60, 40  # Original pixels of the 300x171 photo.
-    hints = tmp_path / "hints.json"
-    hints.write_text(json.dumps({"colour.jpg": [{"x": x, "y": y, "a": 70, "b": -60}]}))
+    hints_file = tmp_path / "hints.json"
+    hints_file.write_text(json.dumps({"colour.jpg": [{"x": x, "y": y, "a": 70, "b": -60}]}))
     plain = colorize.colorize(colorizer, [str(photos / "colour.jpg")], str(tmp_path / "plain"))
-    hinted = colorize.colorize(colorizer, [str(photos / "colour.jpg")], str(tmp_path / "hinted"), hints=str(hints))
+    hinted = colorize.colorize(
+        colorizer, [str(photos / "colour.jpg")], str(tmp_path / "hinted"), hints_file=str(hints_file)
+    )
     assert not plain.failed and not hinted.failed
     change = np.linalg.norm(ab(tmp_path / "hinted" / "colour.png") - ab(tmp_path / "plain" / "colour.png"), axis=-1)
     rows, cols = np.mgrid[: change.shape[0], : change.shape[1]]
@@ -73,14 +75,14 @@ def test_a_hint_changes_colours_near_it_more_than_far_away(colorizer, photos, tm
 
 
 def test_hint_planes_map_original_pixels_to_the_network_grid():
-    ab_hint, mask = colorize.hint_planes(
-        [colorize.Hint(x=1023, y=0, a=10, b=-20, radius=0), colorize.Hint(x=512, y=341.5, a=5, b=5)], 1024, 683
+    ab_hint, mask = hints.hint_planes(
+        [hints.Hint(x=1023, y=0, a=10, b=-20, radius=0), hints.Hint(x=512, y=341.5, a=5, b=5)], 1024, 683
     )
     assert ab_hint.shape == (256, 256, 2) and mask.shape == (256, 256, 1)
     assert mask[0, 255, 0] == 1 and tuple(ab_hint[0, 255]) == (10, -20)
     assert mask[127:130, 127:130].all() and mask.sum() == 1 + 9
     with pytest.raises(ValueError, match="outside the 1024x683 image"):
-        colorize.hint_planes([colorize.Hint(x=1024, y=0, a=0, b=0)], 1024, 683)
+        hints.hint_planes([hints.Hint(x=1024, y=0, a=0, b=0)], 1024, 683)
 
 
 @pytest.mark.parametrize(
@@ -97,11 +99,13 @@ def test_malformed_hints_are_clear_errors(tmp_path, content, match):
     path = tmp_path / "hints.json"
     path.write_text(content)
     with pytest.raises(ValueError, match=match):
-        colorize.load_hints(str(path))
+        hints.load_hints(str(path))
 
 
-def test_bad_inputs_are_named_and_skipped_nothing_overwritten_no_partial_files(colorizer, photos, tmp_path, capsys):
-    workdir = colorizer.provenance["source"]
+def test_bad_inputs_are_named_and_skipped_nothing_overwritten_no_partial_files(
+    colorizer, photos, tmp_path, tmp_path_factory, capsys
+):
+    workdir, _ = tiny_checkpoint.trained_workdir(tmp_path_factory)
     inputs = tmp_path / "in"
     inputs.mkdir()
     good = photos / "colour.jpg"
@@ -149,13 +153,12 @@ def test_bad_inputs_are_named_and_skipped_nothing_overwritten_no_partial_files(c
 
 def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_save(self, fp, *args, **kwargs):
-        with open(fp, "wb") as f:
-            f.write(b"half")
+        fp.write(b"half")
         raise OSError("disk full")
 
     monkeypatch.setattr(Image.Image, "save", broken_save)
     with pytest.raises(OSError, match="disk full"):
-        colorize.write_image(str(tmp_path / "x.png"), np.zeros((4, 4, 3), np.uint8), "png", overwrite=False)
+        image_files.write_image(str(tmp_path / "x.png"), np.zeros((4, 4, 3), np.uint8), "png", overwrite=False)
     assert os.listdir(tmp_path) == []
 
 

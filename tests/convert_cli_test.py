@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from smsanet_jax import checkpointing, cli, colorize, config_util, convert, inference, parallel, train
+from smsanet_jax import cli, colorize, config_util, convert, inference, parallel, saliency, state, weights
 from smsanet_jax.models import pfanet
 from tests.reference import torch_pfanet, torch_siggraph17
 from tests.reference.torch_utils import perturb_batch_norms
@@ -52,7 +52,7 @@ def test_siggraph17_round_trip_and_every_reader(siggraph17_pth, tmp_path, capsys
     dst = str(tmp_path / "siggraph17.msgpack")
     status, err = run_cli(["convert-weights", "siggraph17", str(src), dst], capsys)
     assert status == 0 and "width 8" in err
-    variables, meta = checkpointing.load_variables(dst, kind="siggraph17")
+    variables, meta = weights.load_variables(dst, kind="siggraph17")
     assert meta["width"] == WIDTH and meta["source"] == "siggraph17.pth" and len(meta["source_sha256"]) == 64
     back = convert.siggraph17_to_torch(variables)
     expected = {
@@ -64,9 +64,9 @@ def test_siggraph17_round_trip_and_every_reader(siggraph17_pth, tmp_path, capsys
 
     # train: initial BaseNet weights of an SMSANet (its attention params stay fresh).
     config = config_util.load_config(os.path.join(ROOT, "configs", "tiny.py"), [f"--config.init.basenet={dst}"])
-    state = train.create_train_state(config, train.build_model(config), parallel.make_mesh(1))
-    chex.assert_trees_all_equal(jax.device_get(state.params["model3"]), variables["params"]["model3"])
-    assert "attention_model5" in state.params
+    fresh = state.create_train_state(config, state.build_model(config), parallel.make_mesh(1))
+    chex.assert_trees_all_equal(jax.device_get(fresh.params["model3"]), variables["params"]["model3"])
+    assert "attention_model5" in fresh.params
 
     # evaluate / colorize: --params with the config of the same network.
     basenet = os.path.join(ROOT, "configs", "basenet.py")
@@ -74,7 +74,7 @@ def test_siggraph17_round_trip_and_every_reader(siggraph17_pth, tmp_path, capsys
     assert colorizer.provenance["params_sha256"] == inference.params_sha256(variables)
     photo = tmp_path / "photo.png"
     Image.fromarray(skimage.data.chelsea()[:120, :200]).save(photo)
-    report = colorize.colorize(colorizer, [str(photo)], str(tmp_path / "colorized"))
+    report = colorize.colorize(inference.PhotoColorizer(colorizer), [str(photo)], str(tmp_path / "colorized"))
     assert not report.failed and Image.open(tmp_path / "colorized" / "photo.png").size == (200, 120)
     with pytest.raises(ValueError, match="does not fit the network") as e:
         inference.load_colorizer(params=dst, config=basenet)  # Width 64.
@@ -86,7 +86,7 @@ def test_pfanet_round_trip_and_saliency_maps(pfanet_pth, tmp_path, capsys):
     dst = str(tmp_path / "pfanet_s.msgpack")
     status, _ = run_cli(["convert-weights", "pfanet-s", str(src), dst], capsys)
     assert status == 0
-    variables, _ = checkpointing.load_variables(dst, kind="pfanet-s")
+    variables, _ = weights.load_variables(dst, kind="pfanet-s")
     back = convert.pfanet_to_torch(variables)
     expected = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
     assert back.keys() == expected.keys()
@@ -163,22 +163,22 @@ def keras_layout_weights(tmp_path_factory):
     rng = np.random.default_rng(0)
     variables = jax.tree.map(lambda s: rng.normal(0, 0.05, s.shape).astype(np.float32), variables)
     path = str(tmp_path_factory.mktemp("pfanet_k") / "pfanet_k.msgpack")
-    checkpointing.save_variables(path, variables, kind="pfanet-k")
+    weights.save_variables(path, variables, kind="pfanet-k")
     return path
 
 
 def test_saliency_tells_the_keras_layout_from_its_weights(keras_layout_weights):
     """The Keras model's 1x1 high-level conv means variant "k"."""
-    _, variant = colorize.load_pfanet(keras_layout_weights)
+    _, variant = weights.load_pfanet(keras_layout_weights)
     assert variant == "k"
 
 
 @pytest.mark.slow
 def test_saliency_maps_with_keras_layout_weights(keras_layout_weights, tmp_path):
-    loaded, _ = colorize.load_pfanet(keras_layout_weights)
+    loaded, _ = weights.load_pfanet(keras_layout_weights)
     image = skimage.data.astronaut()[:48, :80]
     Image.fromarray(image).save(tmp_path / "a.png")
-    report = colorize.saliency_maps(keras_layout_weights, [str(tmp_path / "a.png")], str(tmp_path / "out"), size=32)
+    report = saliency.saliency_maps(keras_layout_weights, [str(tmp_path / "a.png")], str(tmp_path / "out"), size=32)
     assert not report.failed
     direct = np.asarray(pfanet.saliency(loaded, image[None].astype(np.float32), variant="k", size=32))[0, ..., 0]
     prob = np.asarray(Image.open(tmp_path / "out" / "a_saliency.png")) / 255.0

@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import color
 from skimage import metrics as skmetrics
 
-from smsanet_jax import checkpointing, cli, evaluate, inference
+from smsanet_jax import cli, evaluation, inference, weights
 from smsanet_jax.data import decode, transforms
 from tests import tiny_checkpoint
 from tests.net_utils import communicate_all, free_port
@@ -38,6 +38,11 @@ def folder(tmp_path_factory):
     Image.open(os.path.join(skimage.data.data_dir, PHOTOS[2])).save(root / "coffee.jpg", quality=90)
     (root / "notes.jpg").write_text("not an image")
     return str(root)
+
+
+def report(colorizer, images, out, **options):
+    """Scores and writes a report, as the command does; returns its summary."""
+    return evaluation.evaluate_to_folder(colorizer, images, out, **options).summary
 
 
 def read_csv(path):
@@ -69,7 +74,7 @@ def skimage_scores(pred, truth):
 
 def check_against_skimage(out_dir, rows):
     for row in rows:
-        png = evaluate.image_file_name(row["name"])
+        png = evaluation.image_file_name(row["name"])
         pred = read_rgb(os.path.join(out_dir, "predictions", png))
         truth = read_rgb(os.path.join(out_dir, "truth", png))
         expected = skimage_scores(pred, truth)
@@ -82,7 +87,7 @@ def folder_report(trained, folder, tmp_path_factory):
     workdir, _ = trained
     out = str(tmp_path_factory.mktemp("eval") / "report")
     colorizer = inference.load_colorizer(workdir=workdir)
-    summary = evaluate.evaluate(colorizer, evaluate.FolderImages(folder), out, batch_size=4, save_images=True)
+    summary = report(colorizer, evaluation.FolderImages(folder), out, batch_size=4, save_images=True)
     return out, summary, colorizer
 
 
@@ -103,7 +108,7 @@ def test_folder_evaluation_writes_every_artefact(folder_report, folder):
     assert saved["model"]["params_sha256"] == inference.params_sha256(colorizer.variables)
     assert saved["model"]["config"]["model"]["width"] == 8
     assert saved["data"]["folder"] == os.path.realpath(folder) and saved["data"]["image_size"] == 256
-    for k in evaluate.METRICS:
+    for k in evaluation.METRICS:
         values = np.array([float(r[k]) for r in rows])
         stats = saved[k]
         assert stats["mean"] == pytest.approx(values.mean())
@@ -115,10 +120,10 @@ def test_folder_evaluation_writes_every_artefact(folder_report, folder):
     grid = read_rgb(os.path.join(out, "grid.png"))
     assert grid.shape == (3 * 258 - 2, 3 * 258 - 2, 3)
     # The middle column is the worst image's prediction, as saved.
-    worst = read_rgb(os.path.join(out, "predictions", evaluate.image_file_name(ranked[-1]["name"])))
+    worst = read_rgb(os.path.join(out, "predictions", evaluation.image_file_name(ranked[-1]["name"])))
     np.testing.assert_array_equal(grid[2 * 258 :, 258 : 258 + 256], worst)
     with pytest.raises(ValueError, match="--overwrite"):
-        evaluate.evaluate(colorizer, evaluate.FolderImages(folder), out)
+        report(colorizer, evaluation.FolderImages(folder), out)
 
 
 def test_per_image_numbers_equal_skimage_on_saved_images(folder_report, folder):
@@ -132,13 +137,13 @@ def test_per_image_numbers_equal_skimage_on_saved_images(folder_report, folder):
 
 def test_gray_baseline_scores_the_gray_prediction(folder, tmp_path):
     out = str(tmp_path / "gray")
-    summary = evaluate.evaluate(
-        inference.load_colorizer(baseline="gray"), evaluate.FolderImages(folder), out, batch_size=4, save_images=True
+    summary = report(
+        inference.load_colorizer(baseline="gray"), evaluation.FolderImages(folder), out, batch_size=4, save_images=True
     )
     assert summary["model"]["source"] == "baseline:gray"
     rows = read_csv(os.path.join(out, "per_image.csv"))
     for row in rows:
-        png = evaluate.image_file_name(row["name"])
+        png = evaluation.image_file_name(row["name"])
         truth = read_rgb(os.path.join(out, "truth", png))
         lab = color.rgb2lab(truth)
         lab[..., 1:] = 0
@@ -157,13 +162,13 @@ def test_image_list_and_summary_stable_across_runs_and_device_counts(trained, fo
     workdir, data_dir = trained
     colorizer = inference.load_colorizer(workdir=workdir)
     subset = dict(data_dir=data_dir, num_images=5, seed=3)
-    images = evaluate.DatasetImages("sample_photos", "train", **subset)
-    assert list(images.ids) == list(evaluate.DatasetImages("sample_photos", "train", **subset).ids)
-    one = evaluate.evaluate(colorizer, images, str(tmp_path / "one"), batch_size=4, num_devices=1)
+    images = evaluation.DatasetImages("sample_photos", "train", **subset)
+    assert list(images.ids) == list(evaluation.DatasetImages("sample_photos", "train", **subset).ids)
+    one = report(colorizer, images, str(tmp_path / "one"), batch_size=4, num_devices=1)
     assert one["n"] == 5 and one["run"]["devices"] == 1
-    four = evaluate.evaluate(
+    four = report(
         colorizer,
-        evaluate.DatasetImages("sample_photos", "train", **subset),
+        evaluation.DatasetImages("sample_photos", "train", **subset),
         str(tmp_path / "four"),
         batch_size=4,
         num_devices=4,
@@ -171,9 +176,9 @@ def test_image_list_and_summary_stable_across_runs_and_device_counts(trained, fo
     assert four["run"]["devices"] == 4
     # Everything but the run record is the same; the numbers up to float32 noise (convolutions over
     # 4 or 1 images per device may round a pixel of the prediction differently).
-    fixed = lambda s: {k: v for k, v in s.items() if k != "run" and k not in evaluate.METRICS}
+    fixed = lambda s: {k: v for k, v in s.items() if k != "run" and k not in evaluation.METRICS}
     assert json.dumps(fixed(one), sort_keys=True) == json.dumps(fixed(four), sort_keys=True)
-    for k in evaluate.METRICS:
+    for k in evaluation.METRICS:
         np.testing.assert_allclose(
             [one[k]["mean"], one[k]["std"], *one[k]["ci95"]],
             [four[k]["mean"], four[k]["std"], *four[k]["ci95"]],
@@ -211,9 +216,7 @@ def test_image_list_and_summary_stable_across_runs_and_device_counts(trained, fo
     assert "psnr" in capsys.readouterr().out
     with open(tmp_path / "cli" / "summary.json", encoding="utf-8") as f:
         from_cli = json.load(f)
-    direct = evaluate.evaluate(
-        colorizer, evaluate.FolderImages(folder), str(tmp_path / "direct"), batch_size=4, num_devices=1
-    )
+    direct = report(colorizer, evaluation.FolderImages(folder), str(tmp_path / "direct"), batch_size=4, num_devices=1)
     assert from_cli["images_sha256"] == direct["images_sha256"]
     assert from_cli["psnr"]["mean"] == pytest.approx(direct["psnr"]["mean"], rel=1e-5)
 
@@ -229,11 +232,11 @@ def test_model_choice_errors_are_clear(tmp_path):
 
 def test_a_weights_file_with_its_config_scores_like_the_workdir(folder_report, folder, tmp_path):
     out, summary, colorizer = folder_report
-    weights = str(tmp_path / "tiny.msgpack")
-    checkpointing.save_variables(weights, colorizer.variables, kind="smsanet")
-    loaded = inference.load_colorizer(params=weights, config=tiny_checkpoint.TINY)  # SMSA at 32x32.
+    weights_file = str(tmp_path / "tiny.msgpack")
+    weights.save_variables(weights_file, colorizer.variables, kind="smsanet")
+    loaded = inference.load_colorizer(params=weights_file, config=tiny_checkpoint.TINY)  # SMSA at 32x32.
     assert loaded.provenance["params_sha256"] == summary["model"]["params_sha256"]
-    again = evaluate.evaluate(loaded, evaluate.FolderImages(folder), str(tmp_path / "again"), batch_size=4)
+    again = report(loaded, evaluation.FolderImages(folder), str(tmp_path / "again"), batch_size=4)
     assert again["psnr"]["mean"] == pytest.approx(summary["psnr"]["mean"], rel=1e-6)
 
 
@@ -256,9 +259,9 @@ def test_two_processes_give_the_summary_of_one(trained, tmp_path):
         "4",
         "--save-images",
     ]
-    single = evaluate.evaluate(
+    single = report(
         inference.load_colorizer(workdir=workdir),
-        evaluate.DatasetImages("sample_photos", "train", data_dir=data_dir, num_images=5, seed=3),
+        evaluation.DatasetImages("sample_photos", "train", data_dir=data_dir, num_images=5, seed=3),
         str(tmp_path / "single"),
         batch_size=4,
         num_devices=4,
@@ -300,6 +303,6 @@ def test_two_processes_give_the_summary_of_one(trained, tmp_path):
     assert multi["run"]["processes"] == 2 and multi["run"]["devices"] == 4
     for k in ("n", "images", "images_sha256", "grid", "data", "model"):
         assert multi[k] == json.loads(json.dumps(single[k])), k
-    for k in evaluate.METRICS:
+    for k in evaluation.METRICS:
         assert multi[k]["mean"] == pytest.approx(single[k]["mean"], rel=1e-5)
-    assert sorted(os.listdir(out / "predictions")) == sorted(map(evaluate.image_file_name, single["images"]))
+    assert sorted(os.listdir(out / "predictions")) == sorted(map(evaluation.image_file_name, single["images"]))

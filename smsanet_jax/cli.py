@@ -186,6 +186,38 @@ def _add_multihost_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, help="multi-host: this process's index")
 
 
+def _pixel_count(value: str) -> int:
+    """A count written as an integer or in exponent form (5e7)."""
+    try:
+        return int(float(value))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"expected a number of pixels such as 5e7, got {value!r}") from None
+
+
+def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    try:
+        from smsanet_jax import demo
+    except ModuleNotFoundError as e:
+        raise ValueError(f"the demo needs {e.name}: pip install 'smsanet-jax[demo]'") from None
+
+    _model_paths(args)
+    given = {"max_upload_mb": args.max_upload_mb, "max_pixels": args.max_pixels}
+    limits = demo.Limits(**{k: v for k, v in given.items() if v is not None})
+    limits.check()
+    with demo.listen(args.host, args.port) as listener:  # A busy port fails before the model loads.
+        engine = demo.DemoEngine(_colorizer(args, overrides), limits)
+        print(f"smsanet-jax demo: open {listener.url} in a browser (Ctrl-C stops the server)", flush=True)
+        if not listener.loopback:
+            print(
+                f"smsanet-jax demo: warning: listening on {args.host}, not only on this machine; the page has "
+                "no authentication: anyone who can reach this address can upload photos and use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        demo.serve(engine, listener)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smsanet-jax", description="SMSANet image colorization in JAX: train, evaluate, colorize."
@@ -281,6 +313,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="the weights file to write (.msgpack)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.set_defaults(run=_convert_weights, accepts_overrides=False)
+
+    p = sub.add_parser(
+        "demo",
+        help="an interactive colorizer in the browser (point hints, before/after, downloads)",
+        description="Serves a page that colorizes a photo at full resolution and takes point hints by "
+        "clicking; it prints the page's address. See docs/demo.md.",
+    )
+    _add_model_args(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; the page has no authentication)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free port)")
+    p.add_argument("--max-upload-mb", type=float, help="largest photo file accepted, in MB (default 50)")
+    p.add_argument(
+        "--max-pixels",
+        type=_pixel_count,
+        help="most pixels a photo may have, e.g. 5e7 (default 50 million; larger photos are refused unread)",
+    )
+    p.set_defaults(run=_demo, accepts_overrides=True)
     return parser
 
 

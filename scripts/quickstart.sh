@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: prepare the sample photos, train the quickstart SMSANet,
 # colorize a few photos, and say where everything is. Creates .venv and installs on first use.
-# Usage: scripts/quickstart.sh [WORKDIR] [--config.key=value ...]
+# Usage: scripts/quickstart.sh [WORKDIR] [--config.key=value ...]   (WORKDIR: runs/quickstart)
+# Paths are relative to the folder you run it from, like every smsanet-jax path.
+HERE="$PWD"
 source "$(dirname "${BASH_SOURCE[0]}")/_env.sh" data
-WORKDIR="${1:-runs/quickstart}"
-shift || true
+cd "$HERE"
+WORKDIR=runs/quickstart
+if [ $# -gt 0 ] && [[ "$1" != --* ]]; then
+  WORKDIR="$1"
+  shift
+fi
+CONFIGS="$ROOT/configs"
 DATA_DIR="${TFDS_DATA_DIR:-$HOME/tensorflow_datasets}"
 
 smsanet-jax prepare-data sample_photos --data-dir "$DATA_DIR"
-smsanet-jax train --config configs/quickstart.py --workdir "$WORKDIR" \
+smsanet-jax train --config "$CONFIGS/quickstart.py" --workdir "$WORKDIR" \
   --config.data.data_dir="$DATA_DIR" "$@"
 
 # Colorize the validation photos (written as grayscale first, so the model sees only L).

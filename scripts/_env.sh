@@ -15,6 +15,8 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   echo "[setup] installing smsanet-jax[${1:-}] into $VENV (first run: a few minutes)"
   # torch is pinned to the CPU build 2.13.0; pip finds it in PIP_FIND_LINKS where the machine has it.
   "$VENV/bin/pip" install -q -e "$ROOT[${1:-}]"
+  # jax2onnx (export --format onnx) pins an orbax-checkpoint older than ours, which it never imports.
+  case ",${1:-}," in *,test,*|*,export,*) "$VENV/bin/pip" install -q --no-deps "jax2onnx==0.17.1" ;; esac
   touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"

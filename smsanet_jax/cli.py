@@ -122,7 +122,7 @@ def _report(report, out: str) -> int:
 
 
 def _colorize(args: argparse.Namespace, overrides: list[str]) -> int:
-    from smsanet_jax import colorize, inference
+    from smsanet_jax import colorize
 
     _model_paths(args)
     _paths(args, "hints")
@@ -130,9 +130,7 @@ def _colorize(args: argparse.Namespace, overrides: list[str]) -> int:
     _at_least(args, 0, "num_devices")
     args.out = files.check_output_folder(args.out, "--out")
     files.check_not_inside(args.out, args.inputs, "--out")
-    network = inference.PhotoColorizer(
-        _colorizer(args, overrides), batch_size=args.batch_size, num_devices=args.num_devices
-    )
+    network = _photo_network(args, overrides)
     report = colorize.colorize(
         network, args.inputs, args.out, hints_file=args.hints, overwrite=args.overwrite, fmt=args.format
     )
@@ -215,6 +213,48 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
                 flush=True,
             )
         demo.serve(engine, listener)
+    return 0
+
+
+def _photo_network(args: argparse.Namespace, overrides: list[str]):
+    """colorize's network: an exported ONNX file in onnxruntime (JAX is never imported), or a JAX model."""
+    if args.onnx is None:
+        from smsanet_jax import inference
+
+        colorizer = _colorizer(args, overrides)
+        return inference.PhotoColorizer(colorizer, batch_size=args.batch_size, num_devices=args.num_devices)
+    from smsanet_jax import exported
+
+    if overrides or any(getattr(args, name) is not None for name in ("workdir", "params", "config", "baseline")):
+        raise ValueError("--onnx: the exported file is the whole model; drop --workdir, --params, --config, --baseline")
+    return exported.OnnxColorizer(files.resolve(args.onnx), batch_size=args.batch_size)
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> int:
+    from smsanet_jax import export
+
+    _model_paths(args)
+    _at_least(args, 1, "image_size", "batch")
+    args.out = export.check_out(args.out, args.format, args.overwrite)  # Before the model loads.
+    result = export.export_colorizer(
+        _colorizer(args, overrides),
+        args.out,
+        fmt=args.format,
+        image_size=args.image_size,
+        batch=args.batch,
+        overwrite=args.overwrite,
+    )
+    meta = result.metadata
+    batch = "any batch" if meta["batch"] is None else f"batch {meta['batch']}"
+    target = f"opset {meta['opset']}" if args.format == "onnx" else f"platforms {', '.join(meta['platforms'])}"
+    print(
+        f"wrote {result.path} ({result.num_bytes / 2**20:.1f} MiB; {args.format}, {target}; "
+        f"{meta['image_size']}x{meta['image_size']}, {batch}); max |ab - JAX| = {result.max_abs_error:.2g} "
+        f"raw ab units on the test input",
+        file=sys.stderr,
+    )
+    if result.metadata_path:
+        print(f"its metadata: {result.metadata_path}", file=sys.stderr)
     return 0
 
 
@@ -334,6 +374,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="most pixels a photo may have, e.g. 5e7 (default 50 million; larger photos are refused unread)",
     )
     p.set_defaults(run=_demo, accepts_overrides=True)
+    p = sub.choices["colorize"]
+    p.add_argument(
+        "--onnx",
+        metavar="FILE",
+        help="instead of a model: an ONNX export (smsanet-jax export --format onnx) run by onnxruntime; "
+        "works without JAX (docs/export.md)",
+    )
+
+    p = sub.add_parser(
+        "export",
+        help="the colorizer's inference as a StableHLO or ONNX file, checked against JAX",
+        description="Writes L [N,S,S,1] (+ ab hints [N,S,S,2], mask [N,S,S,1]) -> raw ab [N,S,S,2] with the "
+        "weights embedded, runs the file once and fails (writing nothing) if it differs from the JAX model "
+        "by more than 1e-3 ab units. See docs/export.md.",
+    )
+    _add_model_args(p)
+    p.add_argument("--format", required=True, choices=["stablehlo", "onnx"], help="file format")
+    p.add_argument("--out", required=True, help="the file to write (StableHLO: its metadata goes to OUT.json)")
+    p.add_argument("--image-size", type=int, default=256, help="input side S (a multiple the network needs; 256)")
+    p.add_argument("--batch", type=int, help="a fixed batch N (default: any batch)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(run=_export, accepts_overrides=True)
     return parser
 
 

@@ -42,7 +42,7 @@ from jax.experimental import multihost_utils
 from scipy import stats
 
 from smsanet_jax import colorspace, data, files, image_files, metrics, parallel, reporting
-from smsanet_jax.data import decode, image_folder, transforms
+from smsanet_jax.data import decode, folders, transforms
 from smsanet_jax.inference import Colorizer
 
 METRICS = ("psnr", "ssim", "ssim_gaussian", "colorfulness")
@@ -115,7 +115,7 @@ class FolderImages(EvalImages):
         seed: int = 0,
         num_threads: int | None = None,
     ):
-        listing = image_folder.list_folder(root)
+        listing = folders.list_folder(root)
         self.root = listing.root
         self._files = [f[0] for f in listing.files]
         self.ids = data.select_examples(len(self._files), num_images, seed)

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from smsanet_jax import files, reporting
-from smsanet_jax.data import decode, image_folder
+from smsanet_jax.data import decode, folders
 
 FORMATS = {"png": "PNG", "jpg": "JPEG"}
 JPEG_QUALITY = 95
@@ -81,7 +81,7 @@ def find_inputs(specs: Sequence[str], report: Report) -> list[Input]:
 
 def _folder_inputs(folder: str, report: Report) -> list[Input]:
     try:
-        listing = image_folder.list_folder(folder)
+        listing = folders.list_folder(folder)
     except ValueError as e:
         report.fail(folder, str(e))
         return []

@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from smsanet_jax import data
-from smsanet_jax.data import decode, image_folder, pipeline, sample_photos, sources
+from smsanet_jax.data import decode, folders, image_folder, pipeline, sample_photos, sources
 
 SIZE = 32
 BANDS_4 = np.array([[255, 0, 0], [0, 200, 0], [0, 0, 255], [250, 250, 0]])
@@ -380,7 +380,7 @@ def _unchecked_folder_dataset(folder, data_dir, files: dict):
     folder.mkdir()
     for name, content in files.items():
         (folder / name).write_bytes(content)
-    listing = image_folder.list_folder(str(folder))
+    listing = folders.list_folder(str(folder))
     image_folder.SmsanetImageFolder(
         key=image_folder.dataset_key(listing, data_dir),
         listing=listing,
@@ -557,7 +557,7 @@ def test_links_loops_fifos_and_devices_are_skipped_by_name_never_opened(tmp_path
     (tmp_path / "outside").mkdir()
     expected = _make_hostile_entries(folder, tmp_path / "outside")
     before = _snapshot(folder)
-    listing = image_folder.list_folder(str(folder))
+    listing = folders.list_folder(str(folder))
     assert listing.relpaths == ["a.png", "link_to_folder/x.png", "link_to_image.png", "sub/b.png"]
     skipped = dict(listing.skipped)
     assert skipped.keys() == expected.keys()
@@ -589,7 +589,7 @@ def test_regular_file_problem_names_what_a_given_path_is(tmp_path, no_hang, entr
     (tmp_path / "outside").mkdir()
     _make_hostile_entries(folder, tmp_path / "outside")
     before = _snapshot(folder)
-    assert image_folder.regular_file_problem(str(folder / entry)) == problem
+    assert folders.regular_file_problem(str(folder / entry)) == problem
     assert _snapshot(folder) == before
 
 

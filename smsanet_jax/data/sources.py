@@ -23,7 +23,7 @@ from collections.abc import Iterator, Mapping
 import numpy as np
 import tensorflow_datasets as tfds
 
-from smsanet_jax.data import decode, image_folder, sample_photos
+from smsanet_jax.data import decode, folders, image_folder, sample_photos
 
 FOLDER_PREFIX = "folder:"
 SAMPLE_PHOTOS = "sample_photos"
@@ -107,9 +107,9 @@ def prepare(
     return _summary(name, builder, reused)
 
 
-def _folder_version(root: str, data_dir: str) -> tuple[image_folder.FolderListing, str, str]:
+def _folder_version(root: str, data_dir: str) -> tuple[folders.FolderListing, str, str]:
     """(listing, content key, prepared dataset directory) of the folder's current content."""
-    listing = image_folder.list_folder(root)
+    listing = folders.list_folder(root)
     key = image_folder.dataset_key(listing, data_dir)
     return listing, key, image_folder.builder_dir(data_dir, key)
 

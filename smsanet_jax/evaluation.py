@@ -152,11 +152,7 @@ class FolderImages(EvalImages):
 
     def batches(self, local_batch_size: int) -> tuple[int, Iterator[dict[str, np.ndarray]]]:
         # The same split as the dataset loader: contiguous per-process parts, padded with id -1.
-        count, index = jax.process_count(), jax.process_index()
-        num_batches = math.ceil(math.ceil(len(self.ids) / count) / local_batch_size)
-        start, stop = (len(self.ids) * i // count for i in (index, index + 1))
-        padded = np.full(num_batches * local_batch_size, -1, np.int64)
-        padded[: stop - start] = self.ids[start:stop]
+        num_batches, padded = data.pad_for_process(self.ids, local_batch_size, jax.process_index(), jax.process_count())
         return num_batches, self._iterate(padded.reshape(num_batches, local_batch_size))
 
     def _iterate(self, id_batches: np.ndarray) -> Iterator[dict[str, np.ndarray]]:

@@ -41,7 +41,8 @@ STATIC_FILES = {
 MAX_JSON_BYTES = 1 * engine_lib.MEGABYTE
 # Everything the page uses comes from this server; the browser refuses anything else.
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; "
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; connect-src 'self' blob:; "
+    "object-src 'none'; "
     "base-uri 'none'; frame-ancestors 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",

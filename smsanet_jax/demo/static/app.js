@@ -20,7 +20,8 @@ const state = {
   resultUrl: null, // Object URL of the PNG shown (and downloaded).
   limits: null,
 };
-const update = { timer: null, running: false, again: false };
+// An edit schedules an update; colour lookups (sRGB -> ab, on the server) hold it back until done.
+const update = { timer: null, running: false, again: false, lookups: 0 };
 const abCache = new Map();
 
 // --- Server ----------------------------------------------------------------------------------
@@ -126,8 +127,9 @@ async function openPhoto(file) {
 
 // --- Colorization ------------------------------------------------------------------------------
 
+// The hints as `colorize --hints` reads them (a hint whose colour is still being looked up waits).
 function hintsJson() {
-  return state.hints.map(({ x, y, a, b, radius }) => ({ x, y, a, b, radius }));
+  return state.hints.filter((h) => Number.isFinite(h.a)).map(({ x, y, a, b, radius }) => ({ x, y, a, b, radius }));
 }
 
 function scheduleUpdate(delay = DEBOUNCE_MS) {
@@ -137,6 +139,7 @@ function scheduleUpdate(delay = DEBOUNCE_MS) {
 }
 
 async function runUpdate() {
+  update.timer = null;
   if (update.running) {
     update.again = true;
     return;
@@ -153,21 +156,24 @@ async function runUpdate() {
       await uploadPhoto(state.file); // The server dropped it for newer photos: send it again.
       blob = await postJson("/api/colorize", { photo: state.photo, hints });
     }
-    showResult(blob, hints.length);
+    showResult(blob, hints);
     if (!update.again) clearError();
   } catch (e) {
     showError(e);
   }
   update.running = false;
   if (update.again) runUpdate();
-  else setStatus(state.resultUrl ? "ready" : "error", state.resultUrl ? "up to date" : "failed");
+  else if (update.timer === null && update.lookups === 0) {
+    setStatus(state.resultUrl ? "ready" : "error", state.resultUrl ? "up to date" : "failed");
+  }
 }
 
-function showResult(blob, hintCount) {
+// The image shown, and (for scripts driving the page) the hints it was made with.
+function showResult(blob, hints) {
   if (state.resultUrl) URL.revokeObjectURL(state.resultUrl);
   state.resultUrl = URL.createObjectURL(blob);
   $("result").src = state.resultUrl;
-  $("result").dataset.hintCount = String(hintCount);
+  $("result").dataset.hints = JSON.stringify(hints);
 }
 
 // --- Hints -------------------------------------------------------------------------------------
@@ -221,18 +227,27 @@ function select(index) {
   renderHints();
 }
 
-async function addHint(event) {
-  const { x, y } = pixelAt(event);
-  const color = $("color").value;
-  const radius = readRadius();
+function addHint(event) {
+  const hint = { ...pixelAt(event), radius: readRadius() };
+  state.hints.push(hint);
+  select(state.hints.length - 1);
+  setColour(hint, $("color").value);
+}
+
+// The hint takes the colour at once; its ab follows from the server (the latest colour wins).
+async function setColour(hint, color) {
+  hint.color = color;
+  renderHints();
+  update.lookups += 1;
+  setStatus("working", "colorizing…");
   try {
     const [a, b] = await abOf(color);
-    state.hints.push({ x, y, a, b, radius, color });
-    select(state.hints.length - 1);
-    scheduleUpdate();
+    if (hint.color === color) Object.assign(hint, { a, b });
   } catch (e) {
     showError(e);
   }
+  update.lookups -= 1;
+  scheduleUpdate();
 }
 
 function readRadius() {
@@ -362,18 +377,9 @@ function wire() {
     onFiles(e.dataTransfer.files);
   });
   $("stage").addEventListener("pointerdown", onPointerDown);
-  $("color").addEventListener("input", async () => {
+  $("color").addEventListener("input", () => {
     const hint = state.hints[state.selected];
-    if (!hint) return;
-    const color = $("color").value;
-    try {
-      const [a, b] = await abOf(color);
-      Object.assign(hint, { a, b, color });
-      renderHints();
-      scheduleUpdate();
-    } catch (e) {
-      showError(e);
-    }
+    if (hint) setColour(hint, $("color").value);
   });
   $("radius").addEventListener("change", () => {
     $("radius").value = String(readRadius());

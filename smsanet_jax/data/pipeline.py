@@ -316,7 +316,15 @@ class Loader:
         return LoaderIterator(iter(self._data_loader), self._description)
 
 
-def _identity(source: sources.ImageSource, local_batch_size, num_workers, process_index, process_count, seed) -> dict:
+def _identity(
+    source: sources.ImageSource,
+    local_batch_size: int,
+    num_workers: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+) -> dict:
+    """`Loader.identity`: plain ints and strings, so it can be stored in a checkpoint as JSON."""
     return {
         "dataset": source.dataset,
         "split": source.split,

@@ -1,12 +1,21 @@
-"""Measures the training input pipeline: images/s of 256x256 crops from realistic JPEG files.
+"""Measures the training input pipeline: images/s, and CPU time per image, of the grain loader.
 
-  .venv/bin/python scripts/benchmark_input.py [--workers 0 1 2] [--batches 20] [--batch-size 32]
+  .venv/bin/python scripts/benchmark_input.py quickstart [--batches 40]
+  .venv/bin/python scripts/benchmark_input.py jpegs [--workers 0 1 2] [--batches 20] [--batch-size 32]
 
-It writes --num-files JPEGs of about 500x375 (quality 90, cut from the sample photos), prepares them
-as an image-folder dataset, and times the grain training loader (decode, short-side resize, random
-crop and flip, near-grayscale test) with each worker count after one warm-up batch (which absorbs
-the worker start-up). It also times the per-image work in this process alone, which bounds what one
-worker process can do, and the effect of reduced-size JPEG decoding on large sources.
+`quickstart` is configs/quickstart.py's input: sample_photos (photos up to 1411x1411) to 64x64
+crops, batch 8, no worker process, with the decode cache off (every example decoded afresh, as
+before the cache) and on (the default). CPU ms per image counts every thread of this process (the
+cost a training step on the same cores competes with), wall images/s the rate alone.
+
+`jpegs` writes --num-files JPEGs of about 500x375 (quality 90, cut from the sample photos),
+prepares them as an image-folder dataset, and times the loader (decode, short-side resize, random
+crop and flip, near-grayscale test) with each worker count. It also times the per-image work in
+this process alone, which bounds what one worker process can do, and the effect of reduced-size
+JPEG decoding on large sources.
+
+Every loader is timed after one warm-up batch (which absorbs worker start-up); the decode cache
+still fills during the first epoch, which a long run amortises.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import skimage.data
 from PIL import Image
 
 from smsanet_jax import data
-from smsanet_jax.data import decode, sample_photos, transforms
+from smsanet_jax.data import decode, pipeline, sample_photos, sources, transforms
 
 
 def write_jpegs(folder: str, count: int, size: tuple[int, int], seed: int = 0) -> list[str]:
@@ -44,8 +53,8 @@ def write_jpegs(folder: str, count: int, size: tuple[int, int], seed: int = 0) -
     return paths
 
 
-def time_loader(name: str, data_dir: str, workers: int, args: argparse.Namespace) -> float:
-    """Images/s of the training loader after a warm-up batch."""
+def time_loader(name: str, data_dir: str, workers: int, args: argparse.Namespace, **kwargs) -> tuple[float, float]:
+    """(images/s, CPU ms per image in this process) of the training loader after a warm-up batch."""
     loader = data.make_train_loader(
         name=name,
         data_dir=data_dir,
@@ -55,13 +64,15 @@ def time_loader(name: str, data_dir: str, workers: int, args: argparse.Namespace
         num_workers=workers,
         process_index=0,
         process_count=1,
+        **kwargs,
     )
     iterator = iter(loader)
     next(iterator)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
         next(iterator)
-    return args.batches * args.batch_size / (time.perf_counter() - start)
+    images = args.batches * args.batch_size
+    return images / (time.perf_counter() - start), (time.process_time() - cpu) / images * 1e3
 
 
 def time_per_image(paths: list[str], image_size: int, reduced: bool) -> float:
@@ -75,15 +86,23 @@ def time_per_image(paths: list[str], image_size: int, reduced: bool) -> float:
     return len(blobs) / (time.perf_counter() - start)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num-files", type=int, default=128)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--batches", type=int, default=20, help="timed batches per worker count")
-    parser.add_argument("--image-size", type=int, default=256)
-    args = parser.parse_args()
+def quickstart(args: argparse.Namespace) -> None:
+    """configs/quickstart.py's input, decode cache off and on."""
+    with tempfile.TemporaryDirectory() as data_dir:
+        data.prepare(sources.SAMPLE_PHOTOS, data_dir=data_dir)
+        print(
+            f"sample_photos -> {args.image_size}x{args.image_size} crops, batch {args.batch_size}, 0 workers, "
+            f"{args.batches} timed batches, {os.cpu_count()} CPUs"
+        )
+        print("decode cache  images/s  CPU ms/image")
+        for _ in range(args.repeats):
+            for label, cache in (("off", 0), ("on", pipeline.DEFAULT_DECODE_CACHE_BYTES)):
+                rate, cpu_ms = time_loader(sources.SAMPLE_PHOTOS, data_dir, 0, args, decode_cache_bytes=cache)
+                print(f"{label:>12s}  {rate:8.1f}  {cpu_ms:12.2f}")
 
+
+def jpegs(args: argparse.Namespace) -> None:
+    """Realistic JPEGs to 256x256 crops with each worker count, and the per-image work alone."""
     with tempfile.TemporaryDirectory() as tmp:
         folder, data_dir = os.path.join(tmp, "jpegs"), os.path.join(tmp, "tfds")
         os.makedirs(folder)
@@ -103,8 +122,24 @@ def main() -> None:
             print(f"in this process, {label:33s} {rate:7.1f} images/s")
         print("workers  images/s  per worker")
         for workers in args.workers:
-            rate = time_loader(name, data_dir, workers, args)
+            rate, _ = time_loader(name, data_dir, workers, args)
             print(f"{workers:7d}  {rate:8.1f}  {rate / max(workers, 1):10.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("case", choices=("quickstart", "jpegs"))
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="jpegs: worker counts")
+    parser.add_argument("--num-files", type=int, default=128, help="jpegs: files written")
+    parser.add_argument("--batch-size", type=int, help="default: 8 (quickstart), 32 (jpegs)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per loader")
+    parser.add_argument("--image-size", type=int, help="default: 64 (quickstart), 256 (jpegs)")
+    parser.add_argument("--repeats", type=int, default=2, help="quickstart: rounds of cache off/on")
+    args = parser.parse_args()
+    quick = args.case == "quickstart"
+    args.batch_size = args.batch_size or (8 if quick else 32)
+    args.image_size = args.image_size or (64 if quick else 256)
+    (quickstart if quick else jpegs)(args)
 
 
 if __name__ == "__main__":

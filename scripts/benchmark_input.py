@@ -10,7 +10,8 @@ cost a training step on the same cores competes with), wall images/s the rate al
 
 `jpegs` writes --num-files JPEGs of about 500x375 (quality 90, cut from the sample photos),
 prepares them as an image-folder dataset, and times the loader (decode, short-side resize, random
-crop and flip, near-grayscale test) with each worker count. It also times the per-image work in
+crop and flip, near-grayscale test) with each worker count, without the decode cache: as on a
+dataset far larger than the cache (ImageNet), where every example is decoded afresh. It also times the per-image work in
 this process alone, which bounds what one worker process can do, and the effect of reduced-size
 JPEG decoding on large sources.
 
@@ -122,7 +123,7 @@ def jpegs(args: argparse.Namespace) -> None:
             print(f"in this process, {label:33s} {rate:7.1f} images/s")
         print("workers  images/s  per worker")
         for workers in args.workers:
-            rate, _ = time_loader(name, data_dir, workers, args)
+            rate, _ = time_loader(name, data_dir, workers, args, decode_cache_bytes=0)
             print(f"{workers:7d}  {rate:8.1f}  {rate / max(workers, 1):10.1f}")
 
 

@@ -23,6 +23,8 @@ untimed rounds) so that load from other processes hits every contestant alike, a
   temporaries);
 - the quickstart model's step with each --conv-impl (the fast CPU convolutions against XLA's);
 - images/s of `colorize` (random weights of configs/smsanet.py) on photos of each --photo-sizes.
+- with --runtime-batches: BaseNet's network alone (L -> ab) in JAX (both conv implementations),
+  onnxruntime (the `export --format onnx` file) and PyTorch eager, per batch (`runtime_group`).
 Extra `--config.key=value` arguments override the training and inference configs. JSON (--out)
 holds every measurement, `ratio_vs_pytorch` (SMSANet alpha 0, float32, batch 1, over the eager
 PyTorch step), `ratio_vs_pytorch_best` (the same row over the fastest PyTorch variant, named by
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import gc
 import importlib.util
 import json
@@ -93,7 +96,8 @@ HEADLINE_MODEL, HEADLINE_BATCH = "smsanet", 1
 # Untimed rounds before the timed ones: a CPU process's heap grows for its first ~3 steps (see
 # smsanet_jax/cpu/malloc.py), and the first calls of a program pay one-off costs.
 WARMUP_ROUNDS = 3
-GROUPS = ("training", "pytorch", "matmul_peak", "conv_impl", "inference")  # Top-level JSON keys, table order.
+# Top-level JSON keys, table order.
+GROUPS = ("training", "pytorch", "matmul_peak", "conv_impl", "inference", "runtimes")
 
 
 @dataclasses.dataclass
@@ -398,26 +402,9 @@ def training_group(
     Returns:
         (rows, skipped): the measured rows, and the PyTorch contestants that could not run and why.
     """
-    contestants = []
-    for model in args.models:
-        label, config_file, model_overrides = MODELS[model]
-        for dtype in dtypes:
-            for batch in args.batches:
-                name = f"{model} {dtype} b{batch}"
-                _log(f"compiling {name}")
-                contestants.append(
-                    jax_training(
-                        name,
-                        CONFIGS / config_file,
-                        [
-                            *overrides,
-                            *model_overrides,
-                            f"--config.global_batch_size={batch}",
-                            f"--config.dtype={dtype}",
-                        ],
-                        {"kind": "training", "model": model, "label": label},
-                    )
-                )
+    contestants = [
+        jax_row(model, dtype, batch, overrides) for model in args.models for dtype in dtypes for batch in args.batches
+    ]
     if args.torch:
         torch_contestants, skipped = _torch_contestants(args, overrides)
         contestants += torch_contestants
@@ -425,6 +412,20 @@ def training_group(
         skipped = [{"name": "pytorch", "reason": "--no-torch"}]
     contestants += [matmul(args.matmul_size, dtype) for dtype in dtypes]
     return interleave(contestants, args.repeats, args.min_time), skipped
+
+
+def row_overrides(model: str, dtype: str, batch: int, overrides: Sequence[str]) -> list[str]:
+    """The config overrides of a MODELS row: the run's, the model's, its batch and dtype."""
+    return [*overrides, *MODELS[model][2], f"--config.global_batch_size={batch}", f"--config.dtype={dtype}"]
+
+
+def jax_row(model: str, dtype: str, batch: int, overrides: Sequence[str]) -> Contestant:
+    """The compiled train step of a MODELS row (`jax_training`), named "MODEL DTYPE bBATCH"."""
+    label, config_file, _ = MODELS[model]
+    name = f"{model} {dtype} b{batch}"
+    _log(f"compiling {name}")
+    row = {"kind": "training", "model": model, "label": label}
+    return jax_training(name, CONFIGS / config_file, row_overrides(model, dtype, batch, overrides), row)
 
 
 def _torch_contestants(args: argparse.Namespace, overrides: Sequence[str]) -> tuple[list[Contestant], list[dict]]:
@@ -519,6 +520,75 @@ def inference_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[
                 )
             )
         return interleave(contestants, args.repeats, args.min_time)
+
+
+def runtime_group(args: argparse.Namespace, overrides: Sequence[str]) -> list[dict]:
+    """BaseNet inference (L -> ab, no merge) per runtime and --runtime-batches, interleaved.
+
+    JAX with the fast CPU convolutions and with XLA's, onnxruntime on the `export --format onnx`
+    file of the same random weights (its parity check's error is kept in the row), and PyTorch
+    eager under no_grad (tests/reference, its own random weights: the speed is the same). Each
+    row's `vs_pytorch` and `vs_onnxruntime` compare the JAX CPU-conv row of its batch with them.
+    """
+    import onnxruntime  # Optional, as is torch: only this group needs them.
+    import torch
+
+    from smsanet_jax import export, exported
+    from tests.reference import torch_siggraph17
+
+    config_file = str(CONFIGS / "basenet.py")
+    config = config_util.load_config(config_file, overrides)
+    size, width = config.image_size, config.model.width
+    facts = {"kind": "runtime", "image_size": size, "width": width, "dtype": "float32"}
+    contestants = []
+    with tempfile.TemporaryDirectory() as tmp:
+        weights_path = os.path.join(tmp, "weights.msgpack")
+        bench_inference._random_weights(config_file, overrides, weights_path)
+        onnx_file = os.path.join(tmp, "basenet.onnx")
+        _log("exporting BaseNet to ONNX (and checking it against JAX)")
+        colorizer = inference.load_colorizer(params=weights_path, config=config_file, overrides=overrides)
+        result = export.export_colorizer(colorizer, onnx_file, fmt="onnx", image_size=size)
+        network = exported.OnnxNetwork(onnx_file)
+        torch.set_num_threads(_cpu_threads())
+        torch_model = torch_siggraph17.SIGGRAPH17(width=width).eval()
+        for batch in args.runtime_batches:
+            l = np.asarray(colorspace.rgb_uint8_to_l_ab(_random_rgb(batch, size))[0])
+            for impl in ("cpu", "xla"):
+                loaded = inference.load_colorizer(
+                    params=weights_path, config=config_file, overrides=[*overrides, f"--config.conv_impl={impl}"]
+                )
+                apply = jax.jit(functools.partial(loaded.apply_fn, train=False))
+                variables = jax.device_put(loaded.variables)
+                jax.block_until_ready(apply(variables, l))  # Compiled before the warm-up rounds.
+                row = {**facts, "runtime": f"jax {impl}", "label": f"BaseNet inference, JAX {impl} convs"}
+                contestants.append(Contestant(f"jax {impl} b{batch}", functools.partial(apply, variables, l), batch))
+                contestants[-1].row = {**row, "batch": batch, "device": jax.devices()[0].device_kind}
+            row = {**facts, "runtime": "onnxruntime", "label": "BaseNet inference, onnxruntime"}
+            row.update(
+                batch=batch,
+                device=f"cpu, onnxruntime {onnxruntime.__version__}",
+                onnx_opset=export.ONNX_OPSET,
+                onnx_bytes=result.num_bytes,
+                onnx_max_abs_error=result.max_abs_error,
+            )
+            ort_step = functools.partial(network, l)
+            contestants.append(Contestant(f"onnxruntime b{batch}", ort_step, batch, lambda _: None, row))
+            tensor = torch.from_numpy(l).permute(0, 3, 1, 2).contiguous()
+
+            def torch_step(tensor=tensor):
+                with torch.no_grad():
+                    return torch_model(tensor)
+
+            row = {**facts, "runtime": "pytorch", "label": "BaseNet inference, PyTorch eager", "batch": batch}
+            row["device"] = f"cpu, {torch.get_num_threads()} threads, torch {torch.__version__}"
+            contestants.append(Contestant(f"pytorch b{batch}", torch_step, batch, lambda _: None, row))
+        rows = interleave(contestants, args.repeats, args.min_time)
+    rate = {(r["runtime"], r["batch"]): r["images_per_second"] for r in rows}
+    for r in rows:
+        if r["runtime"] == "jax cpu":
+            r["vs_pytorch"] = r["images_per_second"] / rate["pytorch", r["batch"]]
+            r["vs_onnxruntime"] = r["images_per_second"] / rate["onnxruntime", r["batch"]]
+    return rows
 
 
 # --- Summary -----------------------------------------------------------------------------------
@@ -648,7 +718,9 @@ def _group(row: dict) -> str:
     """The top-level JSON key of a row."""
     if row["kind"] == "training":
         return "pytorch" if row["framework"] == "pytorch" else "training"
-    return {"matmul": "matmul_peak", "conv_impl": "conv_impl", "inference": "inference"}[row["kind"]]
+    return {"matmul": "matmul_peak", "conv_impl": "conv_impl", "inference": "inference", "runtime": "runtimes"}[
+        row["kind"]
+    ]
 
 
 def _conv_impl_speedup(rows: list[dict]) -> float | None:
@@ -788,6 +860,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
     )
     parser.add_argument("--inference-images", type=int, default=None, help="photos per colorize run (default 4)")
     parser.add_argument(
+        "--runtime-batches",
+        type=_csv(int),
+        default=[],
+        help="BaseNet inference with JAX (cpu, xla convs), onnxruntime and PyTorch at these batches, e.g. 1,8",
+    )
+    parser.add_argument(
         "--matmul-size", type=int, default=None, help="side of the peak matmul (default 4096 on a CPU, 8192 on GPU/TPU)"
     )
     parser.add_argument("--devices", type=int, default=1, help="devices of the data-parallel mesh")
@@ -838,6 +916,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows += conv_impl_group(args)
     if args.photo_sizes:
         rows += inference_group(args, overrides)
+    if args.runtime_batches:
+        rows += runtime_group(args, overrides)
     headline = score(rows)
     results = {
         **headline,

@@ -222,16 +222,18 @@ def _to_stablehlo(infer: Callable[..., jax.Array], image_size: int, batch: int |
 
 @contextlib.contextmanager
 def _quiet_converter() -> Iterator[None]:
-    """Silences the converter's routine noise: jax2onnx logs a traceback for each plugin whose library
-    (equinox, dm_pix, ...) is not installed, and onnx_ir warns about shape values it leaves untyped."""
-    loggers = [logging.getLogger(name) for name in ("jax2onnx", "onnx_ir")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.ERROR)
+    """Silences the converter's routine noise: jax2onnx logs its arguments (on the root logger) and a
+    traceback for each plugin whose library (equinox, dm_pix, ...) is missing; onnx_ir warns about
+    the shape values it leaves untyped."""
+    quieter = {"": logging.WARNING, "jax2onnx": logging.ERROR, "onnx_ir": logging.ERROR}
+    loggers = {logging.getLogger(name): level for name, level in quieter.items()}
+    levels = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(max(level, logger.getEffectiveLevel()))
     try:
         yield
     finally:
-        for logger, level in zip(loggers, levels):
+        for logger, level in levels.items():
             logger.setLevel(level)
 
 

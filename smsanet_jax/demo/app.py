@@ -7,7 +7,9 @@ API (errors are JSON `{"error": message}` with a 4xx/5xx status; the server stay
   GET  /api/info                      limits and the model's name
   POST /api/photos                    body: the image file's bytes -> {"photo", "width", "height"}
   GET  /api/photos/{photo}/gray.png   the photo's lightness as a gray PNG (the input the page shows)
-  POST /api/colorize                  {"photo", "hints": [points]} -> the PNG `colorize` writes
+  POST /api/colorize                  {"photo", "hints": [points], "download": false} -> the
+                                      colorization as PNG: for display (fast), or with
+                                      "download": true the very file `colorize` writes
   POST /api/ab                        {"colors": ["#rrggbb", ...]} -> {"ab": [[a, b], ...]}
   POST /api/hints                     {"photo", "hints": [points]} -> {"hints": checked points,
                                       "colors": swatches}, for a hints file the page loads
@@ -89,7 +91,8 @@ def create_app(engine: engine_lib.DemoEngine, *, allowed_hosts: Sequence[str] | 
     async def colorize(request: Request) -> Response:
         body = await _read_json(request)
         points = engine_lib.parse_points(body.get("hints", []))
-        return _png(await run_in_threadpool(engine.colorize, body.get("photo"), points))
+        preview = body.get("download") is not True
+        return _png(await run_in_threadpool(engine.colorize, body.get("photo"), points, preview=preview))
 
     async def ab(request: Request) -> Response:
         colors = (await _read_json(request)).get("colors")

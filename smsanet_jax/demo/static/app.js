@@ -17,7 +17,7 @@ const state = {
   height: 0,
   hints: [], // [{x, y, a, b, radius, color}]
   selected: -1,
-  resultUrl: null, // Object URL of the PNG shown (and downloaded).
+  resultUrl: null, // Object URL of the PNG shown.
   limits: null,
 };
 // An edit schedules an update; colour lookups (sRGB -> ab, on the server) hold it back until done.
@@ -313,6 +313,21 @@ function stem() {
   return state.name.replace(/\.[^.]*$/, "") || "photo";
 }
 
+// The file `colorize` writes: the same pixels as shown, encoded as colorize encodes (the server
+// reuses the colorization it made for these hints).
+async function downloadPng() {
+  $("download-png").disabled = true;
+  try {
+    const blob = await postJson("/api/colorize", { photo: state.photo, hints: hintsJson(), download: true });
+    const url = URL.createObjectURL(blob);
+    download(url, `${stem()}.png`);
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+  } catch (e) {
+    showError(e);
+  }
+  $("download-png").disabled = $("status").dataset.state !== "ready";
+}
+
 function downloadHints() {
   const blob = new Blob([JSON.stringify(hintsJson(), null, 1) + "\n"], { type: "application/json" });
   const url = URL.createObjectURL(blob);
@@ -400,7 +415,7 @@ function wire() {
     scheduleUpdate();
   });
   $("split").addEventListener("input", showSplit);
-  $("download-png").addEventListener("click", () => download(state.resultUrl, `${stem()}.png`));
+  $("download-png").addEventListener("click", downloadPng);
   $("download-hints").addEventListener("click", downloadHints);
   $("load-hints").addEventListener("change", (e) => {
     if (e.target.files.length) loadHints(e.target.files[0]);

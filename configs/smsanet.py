@@ -53,10 +53,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.log_every_steps = 50  # Progress line, scalars and the metrics file.
     c.checkpoint_every_steps = 1000
-    c.keep_checkpoints = 3
+    c.keep_checkpoints = 3  # At least 1: the newest checkpoint is always kept.
     # Every N steps and at the end: the evaluation protocol on held-out images, written to
-    # eval/step_N/ (summary, per-image CSV, gray | prediction | truth grid) and to TensorBoard.
+    # eval/step_N/ (summary, per-image CSV, gray | prediction | truth grid) and to TensorBoard;
+    # eval_num_examples = 0 trains without evaluating.
     c.eval_every_steps = 2000
-    c.eval_num_examples = 500  # Held-out images drawn with the seed (the paper's test uses 1000).
+    c.eval_num_examples = 500  # Held-out images drawn with the seed (the paper's test uses 1000); 0: none.
     c.eval_batch_size = 16
     return c

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -62,13 +61,7 @@ def gray_apply(
 
 def params_sha256(variables: Mapping[str, Any]) -> str:
     """SHA-256 over every leaf's path, dtype, shape and bytes, in path order (device-independent)."""
-    digest = hashlib.sha256()
-    leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]
-    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
-        leaf = np.ascontiguousarray(leaf)
-        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype.str}|{leaf.shape}|".encode())
-        digest.update(leaf.tobytes())
-    return digest.hexdigest()
+    return checkpointing.tree_sha256(variables)
 
 
 def load_trained(
@@ -77,7 +70,8 @@ def load_trained(
     """A trained model from a workdir: (config, model, {"params", "batch_stats"}, step).
 
     Raises:
-      ValueError: the workdir has no config.json or no checkpoint.
+      ValueError: the workdir has no config.json or no checkpoint, or none of its checkpoints is
+        intact (damaged newer ones are reported and skipped).
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     config_path = os.path.join(workdir, "config.json")
@@ -86,15 +80,16 @@ def load_trained(
     with open(config_path, encoding="utf-8") as f:
         config = ml_collections.ConfigDict(json.load(f))
     checkpointer = checkpointing.Checkpointer(workdir, read_only=True)
-    step = step or checkpointer.latest_step()
-    if not step:
-        raise ValueError(f"--workdir {workdir}: no checkpoint in {checkpointer.directory}")
     model = state.build_model(config)
     # Replicated over every device of every process: a one-device mesh is invalid with several processes.
     abstract = state.abstract_train_state(config, model, parallel.make_mesh())
-    restored = checkpointer.restore_state(step, abstract)
-    checkpointer.close()
-    return config, model, {"params": restored.params, "batch_stats": restored.batch_stats}, step
+    try:
+        restored = checkpointer.restore_latest(abstract, steps=[step] if step else None)
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise ValueError(f"--workdir {workdir}: no checkpoint in {checkpointer.directory}")
+    return config, model, {"params": restored.state.params, "batch_stats": restored.state.batch_stats}, restored.step
 
 
 def load_colorizer(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -32,6 +33,7 @@ from smsanet_jax import (
     weights,
 )
 from smsanet_jax import state as state_lib
+from smsanet_jax.cpu import conv as cpu_conv
 from smsanet_jax.models import pfanet as pfanet_lib
 
 
@@ -166,17 +168,20 @@ def _data_dir(config) -> str | None:
     return config.data.data_dir or None
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
-    """Trains (resuming from `workdir` if it has a checkpoint) to `config.num_train_steps`."""
-    os.makedirs(workdir, exist_ok=True)
-    lead = jax.process_index() == 0
-    mesh = parallel.make_mesh(config.num_devices)
-    model = state_lib.build_model(config)
-    abstract = state_lib.abstract_train_state(config, model, mesh)
-    pfanet_variables = load_pfanet(config, mesh)
-    step_fn = jit_train_step(config, mesh)
+# Where each part of a checkpoint's data identity comes from: the option that changes it.
+_DATA_OPTIONS = {
+    "dataset": "--config.data.name",
+    "num_records": "--config.data.name",
+    "split": "--config.data.train_split",
+    "global_batch_size": "--config.global_batch_size",
+    "num_workers": "--config.data.num_workers",
+    "process_count": "--num-processes",
+    "seed": "--config.seed",
+}
 
-    loader = data.make_train_loader(
+
+def _train_loader(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> data.Loader:
+    return data.make_train_loader(
         name=config.data.name,
         split=config.data.train_split,
         data_dir=_data_dir(config),
@@ -186,25 +191,92 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         num_workers=config.data.num_workers,
         gray_threshold=config.data.gray_threshold,
     )
-    batches = iter(loader)
-    checkpointer = checkpointing.Checkpointer(workdir, config.keep_checkpoints)
-    meta = {"model": config_util.jsonable(config.model.to_dict())}
-    start = checkpointer.latest_step() or 0
-    if start:
-        checkpointer.check_model(start, config.model.to_dict())
-        state = checkpointer.restore(start, abstract, grain.PyGrainCheckpointRestore(batches))
-        logging.info("resumed from step %d in %s", start, workdir)
-    else:
-        state = state_lib.create_train_state(config, model, mesh)
-    if lead:  # Only now: a config the checkpoint rejected must not replace the workdir's own.
-        files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
-    writer = reporting.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=lead)
-    progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)
-    preemption = PreemptionWatcher(checkpointer)
-    if lead and start < config.num_train_steps:
-        logging.info("compiling the train step (%d devices, global batch %d)", mesh.size, config.global_batch_size)
-    try:
+
+def _checkpoint_meta(config: ml_collections.ConfigDict, loader: data.Loader) -> dict[str, Any]:
+    """What a checkpoint is only valid for: the model shape and the data its iterator state reads."""
+    identity = {k: v for k, v in loader.identity.items() if k in _DATA_OPTIONS}
+    return {
+        "model": config_util.jsonable(config.model.to_dict()),
+        "data": {**identity, "global_batch_size": config.global_batch_size},
+    }
+
+
+def _check_resumable(current: Mapping[str, Any], step: int, saved: Mapping[str, Any]) -> None:
+    """Raises CheckpointMismatchError naming every setting in which the run differs from checkpoint `step`."""
+    problems = []
+    for section, option_of in (("model", lambda key: f"--config.model.{key}"), ("data", _DATA_OPTIONS.get)):
+        if section not in saved:  # Older checkpoints recorded no data identity: grain's check remains.
+            continue
+        then, now = saved[section], current[section]
+        for key in sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k)):
+            option = option_of(key)
+            what = "" if option.endswith(key) else f"{key} "  # The option alone does not say which part.
+            was, is_now = then.get(key), now.get(key)
+            problems.append(f"{option}: the checkpoint at step {step} was saved with {what}{was!r}, now {is_now!r}")
+    if problems:
+        raise checkpointing.CheckpointMismatchError(
+            "; ".join(problems) + "; use the checkpoint's settings, or a new --workdir"
+        )
+
+
+def _start(config, model, mesh, workdir, checkpointer, batches, meta) -> tuple[int, state_lib.TrainState]:
+    """(step, state) to train on from: the newest intact checkpoint's (the iterator restored in
+    place), or step 0 and a fresh state.
+
+    Raises:
+      ValueError: the checkpoint is for another model or other data, or already past `num_train_steps`.
+    """
+    restored = checkpointer.restore_latest(
+        state_lib.abstract_train_state(config, model, mesh),
+        data=grain.PyGrainCheckpointRestore(batches),
+        check=functools.partial(_check_resumable, meta),
+    )
+    if restored is None:
+        return 0, state_lib.create_train_state(config, model, mesh)
+    if restored.step > config.num_train_steps:
+        raise ValueError(
+            f"--config.num_train_steps={config.num_train_steps}: the checkpoint in {workdir} is already at step "
+            f"{restored.step}; ask for at least {restored.step} steps to continue it, or use a new --workdir"
+        )
+    logging.info("resumed from step %d in %s", restored.step, workdir)
+    return restored.step, restored.state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+    """Trains (resuming from `workdir`'s newest intact checkpoint) to `config.num_train_steps`.
+
+    Raises:
+      ValueError: a bad config value, a checkpoint that does not suit the config, or checkpoints
+        none of which is intact (each names the option or folder to change).
+      OSError: a full disk (the older checkpoints stay intact).
+    """
+    config_util.validate_train_config(config, state_lib.DTYPES)
+    conv_path = cpu_conv.prepare(config.conv_impl)  # Before the model's first trace.
+    os.makedirs(workdir, exist_ok=True)
+    lead = jax.process_index() == 0
+    mesh = parallel.make_mesh(config.num_devices)
+    loader = _train_loader(config, mesh)  # Checks the data settings before any data is read.
+    batches = iter(loader)
+    model = state_lib.build_model(config)
+    pfanet_variables = load_pfanet(config, mesh)
+    with contextlib.ExitStack() as closing:  # Closed in reverse order, however the run ends.
+        checkpointer = closing.enter_context(
+            contextlib.closing(checkpointing.Checkpointer(workdir, config.keep_checkpoints))
+        )
+        meta = _checkpoint_meta(config, loader)
+        start, state = _start(config, model, mesh, workdir, checkpointer, batches, meta)
+        if lead:  # Only now: a config the checkpoint rejected must not replace the workdir's own.
+            files.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        step_fn = jit_train_step(config, mesh)
+        writer = closing.enter_context(
+            contextlib.closing(reporting.MetricWriter(os.path.join(workdir, "tensorboard"), enabled=lead))
+        )
+        writer.text("run/convolutions", conv_path)
+        progress = reporting.Progress(config.num_train_steps, config.global_batch_size, start, enabled=lead)
+        preemption = closing.enter_context(contextlib.closing(PreemptionWatcher(checkpointer)))
+        if lead and start < config.num_train_steps:
+            logging.info("compiling the train step (%d devices, global batch %d)", mesh.size, config.global_batch_size)
         for step in range(start + 1, config.num_train_steps + 1):
             batch = next(batches)
             state, step_metrics = step_fn(state, parallel.make_global({"rgb": batch["rgb"]}, mesh), pfanet_variables)
@@ -214,29 +286,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
             if saving or step % config.log_every_steps == 0:
                 host = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                 _check_finite(step, host, checkpointer)
-                rate = progress.update(step, {"loss": host["total"]})
-                writer.scalars(
-                    step,
-                    {
-                        **{f"train/{k}": v for k, v in host.items()},
-                        "train/learning_rate": config.optimizer.learning_rate,
-                        "train/images_per_second": rate,
-                    },
-                )
-                if lead:
-                    _append_ids(workdir, step, batch["id"])
+                _log_step(config, writer, progress, workdir if lead else None, step, host, batch["id"])
             if saving:  # Before the evaluation: a failing evaluation must not cost the steps.
                 checkpointer.save(step, state, grain.PyGrainCheckpointSave(batches), meta)
-            if last or step % config.eval_every_steps == 0:
+            if config.eval_num_examples and (last or step % config.eval_every_steps == 0):
                 _report_eval(config, state, writer, workdir, step)
             if stopping:
                 logging.warning("stopped for preemption after step %d; rerun the same command to resume", step)
                 break
-    finally:
-        preemption.close()
-        checkpointer.close()
-        writer.close()
     return state
+
+
+def _log_step(config, writer, progress, ids_workdir, step, host, ids) -> None:
+    """The progress line, the train scalars and (on process 0, `ids_workdir` set) the batch's ids."""
+    rate = progress.update(step, {"loss": host["total"]})
+    writer.scalars(
+        step,
+        {
+            **{f"train/{k}": v for k, v in host.items()},
+            "train/learning_rate": config.optimizer.learning_rate,
+            "train/images_per_second": rate,
+        },
+    )
+    if ids_workdir:
+        _append_ids(ids_workdir, step, ids)
 
 
 def _append_ids(workdir: str, step: int, ids: np.ndarray) -> None:

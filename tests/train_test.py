@@ -1,4 +1,4 @@
-"""The train step: sharding invariance, one trace, bfloat16, frozen PFANet, full-size lowering."""
+"""The train step: sharding invariance, one trace, donation, bfloat16, frozen PFANet, full-size compiles; configs."""
 
 import glob
 import os
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 
 from smsanet_jax import config_util, parallel, train
+from smsanet_jax import state as state_lib
+from smsanet_jax.models import basenet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "[a-z]*.py")))
@@ -35,8 +37,8 @@ def random_batch(config, seed=0):
 
 def run_steps(config, num_devices, num_steps=3):
     mesh = parallel.make_mesh(num_devices)
-    model = train.build_model(config)
-    state = train.create_train_state(config, model, mesh)
+    model = state_lib.build_model(config)
+    state = state_lib.create_train_state(config, model, mesh)
     pfanet = train.load_pfanet(config, mesh)
     step_fn = train.jit_train_step(config, mesh)
     losses = []
@@ -52,34 +54,67 @@ def test_every_config_loads():
     assert set(PAPER_CONFIGS + ["quickstart", "tiny"]) <= names
     for path in CONFIGS:
         config = config_util.load_config(path)
-        assert config.num_train_steps > 0 and config.model.attention in ("none", "smsa", "cbam", "se")
+        config_util.validate_train_config(config, state_lib.DTYPES)  # Every shipped config is valid.
     with pytest.raises(ValueError, match="no_such_key"):
         config_util.load_config(CONFIGS[0], ["--config.no_such_key=1"])  # Locked: typos fail.
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS)
-def test_paper_configs_lower_at_full_size(name):
+@pytest.mark.parametrize("block", basenet.BLOCK_NAMES)
+def test_image_size_multiple_is_what_the_network_needs(block):
+    """config_util's table of block resolutions agrees with the network: SMSA after `block`."""
+    config = tiny_config("--config.model.n_scales=3")
+    config.model.blocks = (block,)
+    multiple = config_util.image_size_multiple(config.model)
+
+    def trace(size):
+        model = state_lib.build_model(config)
+        jax.eval_shape(model.init, jax.random.key(0), jax.ShapeDtypeStruct((1, size, size, 1), jnp.float32))
+
+    trace(multiple)
+    if multiple > basenet.SIZE_MULTIPLE:  # Half a multiple more: BaseNet accepts it, SMSA must not.
+        with pytest.raises(ValueError, match="divisible by 2"):
+            trace(multiple * 3 // 2)
+
+
+def full_size_step(name):
+    """(jitted step, abstract state, abstract batch, abstract PFANet variables) of a paper config at 256x256."""
     config = config_util.load_config(os.path.join(ROOT, "configs", f"{name}.py"), ["--config.init.pfanet=random"])
     assert config.image_size == 256
     mesh = parallel.make_mesh(0)
-    model = train.build_model(config)
-    abstract = train.abstract_train_state(config, model, mesh)
+    abstract = state_lib.abstract_train_state(config, state_lib.build_model(config), mesh)
     pfanet_abstract = None
     if config.loss.alpha:
         size = config.loss.pfanet_size
         module = train.pfanet_lib.PFANet(variant=config.loss.pfanet_variant)
         pfanet_abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    step_fn = train.jit_train_step(config, mesh)
     batch = {
         "rgb": jax.ShapeDtypeStruct(
             (config.global_batch_size, 256, 256, 3), jnp.uint8, sharding=parallel.batch_sharded(mesh)
         )
     }
-    lowered = step_fn.lower(abstract, batch, pfanet_abstract)
-    assert "convolution" in lowered.as_text()
+    return train.jit_train_step(config, mesh), abstract, batch, pfanet_abstract, mesh
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_trace_at_full_size(name):
+    step_fn, abstract, batch, pfanet_abstract, _ = full_size_step(name)
     out_state, out_metrics = jax.eval_shape(step_fn, abstract, batch, pfanet_abstract)
-    chex.assert_trees_all_equal_shapes_and_dtypes(out_state.params, abstract.params)
+    chex.assert_trees_all_equal_shapes_and_dtypes(out_state, abstract)
     assert set(out_metrics) >= {"huber", "salient", "total", "grad_norm"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_paper_configs_compile_at_full_size_with_the_state_donated(name):
+    """XLA accepts the whole step (custom calls included); the state's buffers are reused, all replicated."""
+    step_fn, abstract, batch, pfanet_abstract, mesh = full_size_step(name)
+    compiled = step_fn.lower(abstract, batch, pfanet_abstract).compile()
+    state_bytes = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(abstract))
+    # Donation: every byte of the incoming state is an output buffer too (~400 MB not allocated twice).
+    assert compiled.memory_analysis().alias_size_in_bytes == state_bytes
+    replicated = parallel.replicated(mesh)
+    for sharding in jax.tree.leaves(compiled.output_shardings):
+        assert sharding.is_equivalent_to(replicated, 0)
 
 
 def test_one_device_equals_eight_devices():
@@ -103,28 +138,21 @@ def test_one_device_equals_eight_devices():
     assert losses1[-1]["total"] < losses1[0]["total"]
 
 
-def test_train_step_traces_once_and_transfers_nothing_implicitly():
+def test_jit_train_step_traces_once_donates_the_state_and_keeps_it_replicated(monkeypatch):
     config = tiny_config()
     mesh = parallel.make_mesh(2)
-    model = train.build_model(config)
-    state = train.create_train_state(config, model, mesh)
-    settings = train.LossSettings.from_config(config)
-
-    @chex.assert_max_traces(n=1)
-    def counted(state, batch, pfanet):
-        return train.train_step(state, batch, pfanet, settings=settings)
-
+    state = state_lib.create_train_state(config, state_lib.build_model(config), mesh)
+    monkeypatch.setattr(train, "train_step", chex.assert_max_traces(train.train_step, n=1))
+    step_fn = train.jit_train_step(config, mesh)
     replicated = parallel.replicated(mesh)
-    step_fn = jax.jit(
-        counted,
-        in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
     # No hidden host<->device copies in the loop: batches are placed explicitly, metrics stay put.
     with jax.transfer_guard("disallow"):
         for i in range(3):
-            state, _ = step_fn(state, parallel.make_global(random_batch(config, i), mesh), None)
+            previous = state
+            state, metrics = step_fn(state, parallel.make_global(random_batch(config, i), mesh), None)
+            assert all(leaf.is_deleted() for leaf in jax.tree.leaves(previous))  # Donated, not copied.
+            for leaf in jax.tree.leaves((state, metrics)):
+                assert leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
 
 
 def test_bfloat16_first_loss_close_to_float32():
@@ -137,8 +165,8 @@ def test_bfloat16_first_loss_close_to_float32():
 def test_salient_loss_keeps_pfanet_frozen_and_trains_colorizer():
     config = tiny_config("--config.loss.alpha=1.0", "--config.init.pfanet=random")
     mesh = parallel.make_mesh(2)
-    model = train.build_model(config)
-    initial = jax.device_get(train.create_train_state(config, model, mesh).params)
+    model = state_lib.build_model(config)
+    initial = jax.device_get(state_lib.create_train_state(config, model, mesh).params)
     state, losses, pfanet = run_steps(config, num_devices=2, num_steps=2)
     before = jax.device_get(train.load_pfanet(config, mesh))
     chex.assert_trees_all_equal(jax.device_get(pfanet), before)

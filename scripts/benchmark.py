@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from smsanet_jax import colorize, colorspace, config_util, inference, parallel, train
+from smsanet_jax import colorize, colorspace, config_util, files, inference, parallel, train
 from smsanet_jax import state as state_lib
 from smsanet_jax.cpu import conv as cpu_conv
 from smsanet_jax.cpu import malloc, native
@@ -876,6 +876,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, l
         help="shortest timed run in seconds; faster steps repeat within it (default 0.2)",
     )
     args, overrides = parser.parse_known_args(argv)
+    if args.out and (os.path.isdir(args.out) or not os.path.isdir(os.path.dirname(files.resolve(args.out)))):
+        parser.error(f"--out: {args.out} is a folder or in a folder that does not exist; give a JSON file's path")
     bad = [o for o in overrides if not o.startswith("--config.")]
     if bad:
         parser.error(f"unrecognized arguments: {' '.join(bad)}")
@@ -938,8 +940,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     print(markdown(results))
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        files.write_text(args.out, json.dumps(results, indent=2) + "\n")
     return results
 
 

@@ -20,12 +20,13 @@ for arg in "$@"; do
       echo "gpu_check.sh: error: no Python in $VENV; run scripts/test.sh once or set SMSANET_VENV" >&2
       exit 2
     fi
-    cd "$HERE/.."
-    exec "$VENV/bin/python" scripts/gpu_check.py "$@"
+    exec "$VENV/bin/python" "$HERE/gpu_check.py" "$@"
   fi
 done
 # No PyTorch step runs here, but the test files import torch: its CPU build is a fraction of the
 # CUDA one's download and pins no CUDA libraries that could clash with jax[cuda12]'s.
 export PIP_EXTRA_INDEX_URL="${PIP_EXTRA_INDEX_URL:-https://download.pytorch.org/whl/cpu}"
+CALLER="$PWD"  # _env.sh moves to the repository; --out stays relative to where the user is.
 source "$HERE/_env.sh" gpu,test
-exec python scripts/gpu_check.py "$@"
+cd "$CALLER"
+exec python "$HERE/gpu_check.py" "$@"

@@ -58,18 +58,14 @@ def find_inputs(specs: Sequence[str], report: Report) -> list[Input]:
     for spec in specs:
         if os.path.isdir(spec):
             found += _folder_inputs(spec, report)
-        elif os.path.exists(spec):
-            found.append(Input(spec, os.path.basename(spec)))
-        elif glob.has_magic(spec):
+        elif os.path.lexists(spec) or not glob.has_magic(spec):
+            found += _file_input(spec, report)
+        else:
             matches = sorted(glob.glob(os.path.expanduser(spec), recursive=True))
             if not matches:
                 report.fail(spec, "no file matches this pattern")
             for match in matches:
-                found += (
-                    _folder_inputs(match, report) if os.path.isdir(match) else [Input(match, os.path.basename(match))]
-                )
-        else:
-            report.fail(spec, "no such file or folder")
+                found += _folder_inputs(match, report) if os.path.isdir(match) else _file_input(match, report)
     unique, seen = [], set()
     for item in found:
         key = os.path.realpath(item.path)
@@ -79,12 +75,23 @@ def find_inputs(specs: Sequence[str], report: Report) -> list[Input]:
     return unique
 
 
+def _file_input(path: str, report: Report) -> list[Input]:
+    """A file the user named; a FIFO, device, dangling link or link loop is reported, never opened."""
+    problem = folders.regular_file_problem(path)
+    if problem:
+        report.fail(path, problem)
+        return []
+    return [Input(path, os.path.basename(path))]
+
+
 def _folder_inputs(folder: str, report: Report) -> list[Input]:
     try:
         listing = folders.list_folder(folder)
     except ValueError as e:
         report.fail(folder, str(e))
         return []
+    for relpath, reason in listing.skipped:
+        report.fail(os.path.join(folder, relpath), reason)
     return [Input(os.path.join(folder, relpath), relpath) for relpath, _, _ in listing.files]
 
 

@@ -7,6 +7,7 @@ status 2, no traceback, and leave the user's files and any earlier output untouc
 import json
 import os
 import shutil
+import signal
 
 import flax.serialization
 import numpy as np
@@ -235,3 +236,28 @@ def test_report_folder_check_names_the_existing_report(tmp_path):
     with pytest.raises(ValueError, match="--overwrite"):
         evaluation.check_report_folder(str(tmp_path), overwrite=False)
     assert evaluation.check_report_folder(str(tmp_path), overwrite=True) == str(tmp_path)
+
+
+def test_links_loops_and_fifos_among_inputs_are_named_and_skipped(trained, photos, tmp_path, capsys):
+    """Never opened (a FIFO would block a reader forever), never a traceback; the good photos are done."""
+    workdir, _ = trained
+    os.symlink(photos / "missing.png", photos / "dangling.png")
+    os.symlink(photos / "loop.jpg", photos / "loop.jpg")
+    os.mkfifo(photos / "pipe.jpg")
+    os.mkfifo(tmp_path / "given.jpg")
+    signal.alarm(600)  # A hang fails the test instead of blocking the suite.
+    try:
+        status, err = run(
+            capsys, "colorize", photos, tmp_path / "given.jpg", "--workdir", workdir, "--out", tmp_path / "o"
+        )
+        assert status == 1
+        failed = err.split("inputs failed:")[1]
+        for name in ("dangling.png", "loop.jpg", "pipe.jpg", "given.jpg"):
+            assert name in failed, name
+        assert "Traceback" not in err
+        assert sorted(os.listdir(tmp_path / "o")) == ["astronaut.png", "chelsea.png"]
+        status, err = run(capsys, "evaluate", "--baseline", "gray", "--images", photos, "--out", tmp_path / "r")
+        assert status == 0, err
+        assert json.loads((tmp_path / "r" / "summary.json").read_text())["n"] == 2
+    finally:
+        signal.alarm(0)

@@ -1,7 +1,10 @@
-"""train_and_evaluate end to end: artefacts, exact resume, preemption, NaN stop, multi-process."""
+"""train_and_evaluate end to end: artefacts, exact resume, what users type, preemption, NaN stop, multi-process."""
 
 import json
+import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,7 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from smsanet_jax import checkpointing, config_util, losses, train
+from smsanet_jax import checkpointing, config_util, evaluation, inference, losses, reporting, train
+from smsanet_jax.cpu import conv as cpu_conv
+from tests.cli_utils import one_error_line, photo_folder, run_cli
 from tests.net_utils import communicate_all, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,7 +56,7 @@ def cli(args, env_extra=None, **kwargs):
 
 
 def final_params(workdir):
-    _, _, variables, step = train.load_trained(workdir)
+    _, _, variables, step = inference.load_trained(workdir)
     return jax.device_get(variables), step
 
 
@@ -87,7 +92,7 @@ def test_model_shape_change_is_a_clear_error(data_dir, tmp_path):
     train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=2"), workdir)
     with pytest.raises(checkpointing.CheckpointMismatchError, match="model.width"):
         train.train_and_evaluate(config_for(data_dir, "--config.num_train_steps=3", "--config.model.width=16"), workdir)
-    assert train.load_trained(workdir)[0].model.width == 8  # The workdir's config is kept.
+    assert inference.load_trained(workdir)[0].model.width == 8  # The workdir's config is kept.
 
 
 def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -106,6 +111,179 @@ def test_nan_loss_stops_with_clear_error_and_keeps_checkpoint(data_dir, tmp_path
     after, step = final_params(workdir)
     assert step == 2
     chex.assert_trees_all_equal(good, after)
+
+
+# --- What users type: each mistake is one line and exit status 2, and nothing is lost ---------------
+
+BAD_CONFIGS = {
+    "keep_checkpoints=0": "--config.keep_checkpoints=0: must be at least 1",
+    "checkpoint_every_steps=0": "--config.checkpoint_every_steps=0: must be at least 1",
+    "log_every_steps=0": "--config.log_every_steps=0: must be at least 1",
+    "eval_every_steps=0": "--config.eval_every_steps=0: must be at least 1",
+    "num_train_steps=0": "--config.num_train_steps=0: must be at least 1",
+    "num_train_steps=-5": "--config.num_train_steps=-5: must be at least 1",
+    "global_batch_size=0": "--config.global_batch_size=0: must be at least 1",
+    "global_batch_size=12": "global_batch_size=12 must be a multiple of the 8 devices",
+    "eval_batch_size=0": "--config.eval_batch_size=0: must be at least 1",
+    "eval_num_examples=-1": "--config.eval_num_examples=-1: must be at least 0",
+    "seed=-1": "--config.seed=-1: must be in [0, 2^32)",
+    "dtype=float16": "--config.dtype=float16: must be one of float32, bfloat16",
+    "conv_impl=gpu": "--config.conv_impl=gpu: must be one of auto, xla, cpu",
+    "model.attention=transformer": "--config.model.attention=transformer: must be one of none, smsa, cbam, se",
+    "image_size=0": "--config.image_size=0: must be at least 1",
+    "image_size=36": "--config.image_size=36: must be a multiple of 32 for this network",
+    "loss.alpha=-1.0": "--config.loss.alpha=-1.0: must be a number >= 0",
+    "loss.norm=l3": "--config.loss.norm=l3: must be one of l1, l2",
+    "loss.pfanet_variant=x": "--config.loss.pfanet_variant=x: must be one of s, k",
+    "optimizer.learning_rate=0.0": "--config.optimizer.learning_rate=0.0: must be a number above 0",
+    "data.num_workers=-1": "data.num_workers=-1: must be 0",
+    "data.gray_threshold=500.0": "data.gray_threshold=500: must be in [0, 386.8)",
+}
+
+
+def train_argv(workdir, data_dir, *overrides):
+    return ["train", "--config", TINY, "--workdir", workdir, f"--config.data.data_dir={data_dir}", *overrides]
+
+
+@pytest.mark.parametrize("override", sorted(BAD_CONFIGS))
+def test_a_bad_config_value_is_one_clear_line_before_any_work(data_dir, tmp_path, capsys, override):
+    workdir = str(tmp_path / "run")
+    status, err = run_cli(capsys, train_argv(workdir, data_dir, f"--config.{override}"))
+    assert status == 2
+    line = one_error_line(err)
+    assert line.startswith("smsanet-jax train: error: ") and BAD_CONFIGS[override] in line, line
+    assert not os.path.exists(workdir) or not os.listdir(workdir)
+
+
+def test_workdir_naming_a_file_is_one_clear_line(tmp_path, capsys):
+    path = tmp_path / "notes.txt"
+    path.write_text("mine")
+    status, err = run_cli(capsys, ["train", "--config", TINY, "--workdir", str(path)])
+    assert status == 2
+    assert one_error_line(err) == f"smsanet-jax train: error: --workdir {path}: is a file, not a folder; give a folder"
+    assert path.read_text() == "mine"
+
+
+FOLDER_RUN = [
+    "--config.num_train_steps=2",
+    "--config.checkpoint_every_steps=1",
+    "--config.keep_checkpoints=1",
+    "--config.eval_num_examples=0",
+]
+
+
+@pytest.fixture(scope="module")
+def folder_run(tmp_path_factory):
+    """(workdir, data dir, photo folder) of 2 steps on a folder of 3 photos, checkpointed at 1 and 2."""
+    base = tmp_path_factory.mktemp("folder_run")
+    photos = photo_folder(base / "photos")
+    data_dir, workdir = str(base / "tfds"), str(base / "run")
+    train.train_and_evaluate(config_for(data_dir, f"--config.data.name={photos}", *FOLDER_RUN), workdir)
+    return workdir, data_dir, photos
+
+
+def resume_argv(tmp_path, folder_run, *overrides):
+    """A copy of the folder run's workdir, and the command that resumes it with `overrides`."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(folder_run[0], workdir)
+    argv = train_argv(workdir, folder_run[1], f"--config.data.name={folder_run[2]}", *FOLDER_RUN, *overrides)
+    return workdir, argv
+
+
+def test_keep_one_keeps_only_the_newest_and_no_evaluation_runs(folder_run):
+    workdir = folder_run[0]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert not os.path.exists(os.path.join(workdir, "eval"))
+    assert inference.load_trained(workdir)[3] == 2
+
+
+def test_resume_with_fewer_steps_is_a_clear_error_and_keeps_the_config(folder_run, tmp_path, capsys):
+    workdir, argv = resume_argv(tmp_path, folder_run, "--config.num_train_steps=1")
+    status, err = run_cli(capsys, argv)
+    assert status == 2
+    assert one_error_line(err).endswith(
+        f"error: --config.num_train_steps=1: the checkpoint in {workdir} is already at step 2; ask for at least 2 "
+        "steps to continue it, or use a new --workdir"
+    )
+    assert inference.load_trained(workdir)[0].num_train_steps == 2  # config.json is the checkpoint's.
+
+
+def test_resume_with_another_batch_size_names_the_option(folder_run, tmp_path, capsys):
+    _, argv = resume_argv(tmp_path, folder_run, "--config.global_batch_size=16")
+    status, err = run_cli(capsys, argv)
+    assert status == 2
+    assert one_error_line(err).endswith(
+        "error: --config.global_batch_size: the checkpoint at step 2 was saved with 8, now 16; use the checkpoint's "
+        "settings, or a new --workdir"
+    )
+
+
+def test_resume_on_changed_data_names_the_option(folder_run, tmp_path, capsys):
+    photos = photo_folder(tmp_path / "more_photos", ("astronaut", "chelsea", "coffee", "rocket"))
+    _, argv = resume_argv(tmp_path, folder_run, f"--config.data.name={photos}")
+    status, err = run_cli(capsys, argv)
+    assert status == 2
+    line = one_error_line(err)
+    assert "error: --config.data.name: the checkpoint at step 2 was saved with dataset " in line
+    pattern = r"--config.data.name: the checkpoint at step 2 was saved with num_records (\d+), now (\d+)"
+    then, now = re.search(pattern, line).groups()
+    assert int(now) > int(then)  # A photo more in the (training split of the) folder.
+
+
+def test_resume_of_a_checkpoint_without_data_identity_translates_grains_check(folder_run, tmp_path, capsys):
+    """Checkpoints of older versions recorded no data identity: grain's own mismatch becomes one line."""
+    workdir, argv = resume_argv(tmp_path, folder_run, "--config.global_batch_size=16")
+    meta_file = os.path.join(workdir, "checkpoints", "2", "meta", "metadata")
+    with open(meta_file, encoding="utf-8") as f:
+        meta = json.load(f)
+    del meta["data"]
+    with open(meta_file, "w", encoding="utf-8") as f:
+        json.dump(meta, f)
+    status, err = run_cli(capsys, argv)
+    assert status == 2
+    line = one_error_line(err)
+    assert "the checkpoint at step 2 in " in line and "was saved with other data settings (DataSource" in line, line
+
+
+def test_full_disk_is_one_clear_line_and_keeps_the_checkpoint(folder_run, tmp_path, capsys, monkeypatch):
+    workdir, argv = resume_argv(tmp_path, folder_run, "--config.num_train_steps=3")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12, 0))
+    status, err = run_cli(capsys, argv)
+    assert status == 2
+    assert one_error_line(err).startswith(
+        f"smsanet-jax train: error: {workdir}/checkpoints: no space left on device while saving the checkpoint "
+        "at step 3: 0 MiB free, it needs about "
+    )
+    monkeypatch.undo()
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["2"]
+    assert inference.load_trained(workdir)[3] == 2
+
+
+def test_final_checkpoint_survives_a_failing_final_evaluation(folder_run, tmp_path, monkeypatch):
+    workdir, _ = resume_argv(tmp_path, folder_run)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the evaluation broke")
+
+    monkeypatch.setattr(evaluation, "evaluate_to_folder", broken)
+    overrides = ["--config.num_train_steps=3", "--config.eval_num_examples=2", "--config.data.eval_split=train"]
+    config = config_for(folder_run[1], f"--config.data.name={folder_run[2]}", "--config.keep_checkpoints=1", *overrides)
+    with pytest.raises(RuntimeError, match="the evaluation broke"):
+        train.train_and_evaluate(config, workdir)
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+    assert inference.load_trained(workdir)[3] == 3  # Saved, complete and intact.
+
+
+def test_the_run_records_its_convolution_path(folder_run, tmp_path, monkeypatch, caplog):
+    workdir, _ = resume_argv(tmp_path, folder_run)
+    texts = []
+    monkeypatch.setattr(reporting.MetricWriter, "text", lambda self, tag, text: texts.append((tag, text)))
+    caplog.set_level(logging.INFO)
+    config = config_for(folder_run[1], f"--config.data.name={folder_run[2]}", "--config.num_train_steps=2")
+    train.train_and_evaluate(config, workdir)  # Already at step 2: resumes and stops.
+    path = cpu_conv.describe(config.conv_impl)
+    assert texts == [("run/convolutions", path)]
+    assert f"convolutions: {path}" in caplog.messages
 
 
 @pytest.mark.slow

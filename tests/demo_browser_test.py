@@ -195,7 +195,7 @@ def wait_for_download(folder, name: str, timeout: float = 30):
     raise AssertionError(f"{name} was not downloaded; the folder has {sorted(os.listdir(folder))}")
 
 
-def test_hints_by_clicking_downloads_and_replay(server, browser, photo, workdir, tmp_path):
+def test_hints_by_clicking_downloads_and_replay(browser, server, photo, workdir, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -264,7 +264,7 @@ def test_hints_by_clicking_downloads_and_replay(server, browser, photo, workdir,
     assert shown_image(browser) == hinted_png
 
 
-def test_a_bad_file_shows_an_error_and_the_server_goes_on(server, browser, photo, tmp_path):
+def test_a_bad_file_shows_an_error_and_the_server_goes_on(browser, server, photo, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

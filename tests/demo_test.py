@@ -100,7 +100,8 @@ def test_colorize_gives_the_png_the_colorize_command_writes(client, colorizer, p
         points += [{"x": 250, "y": 120, "a": ab[1][0], "b": ab[1][1], "radius": 3}]
     shown = client.post("/api/colorize", json={"photo": photo["photo"], "hints": points})
     assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
-    download = client.post("/api/colorize", json={"photo": photo["photo"], "hints": points, "download": True})
+    download = client.get(f"/api/photos/{photo['photo']}/results/{shown.headers['x-result']}.png")
+    assert download.status_code == 200
 
     (tmp_path / "photo.jpg").write_bytes(photo_bytes)
     (tmp_path / "hints.json").write_text(json.dumps(points))
@@ -117,6 +118,18 @@ def test_colorize_gives_the_png_the_colorize_command_writes(client, colorizer, p
     # In fact the same pixels, and the download byte for byte: the same network call and encoder.
     assert np.array_equal(Image.open(io.BytesIO(shown.content)), Image.open(io.BytesIO(expected)))
     assert download.content == expected
+
+
+def test_only_the_latest_colorization_can_be_downloaded(client, photo_bytes):
+    photo = upload(client, photo_bytes)["photo"]
+    first = client.post("/api/colorize", json={"photo": photo, "hints": []}).headers["x-result"]
+    second = client.post("/api/colorize", json={"photo": photo, "hints": [{"x": 1, "y": 1, "a": 9, "b": 9}]})
+    assert int(second.headers["x-result"]) > int(first)
+    stale = client.get(f"/api/photos/{photo}/results/{first}.png")
+    assert stale.status_code == 404 and "no longer the latest" in stale.json()["error"]
+    assert client.get(f"/api/photos/{photo}/results/{second.headers['x-result']}.png").status_code == 200
+    assert client.get(f"/api/photos/{photo}/results/latest.png").status_code == 404
+    assert client.get(f"/api/photos/unknown/results/{second.headers['x-result']}.png").status_code == 404
 
 
 def test_hints_change_the_colours_near_them(client, photo_bytes):

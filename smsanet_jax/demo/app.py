@@ -7,9 +7,11 @@ API (errors are JSON `{"error": message}` with a 4xx/5xx status; the server stay
   GET  /api/info                      limits and the model's name
   POST /api/photos                    body: the image file's bytes -> {"photo", "width", "height"}
   GET  /api/photos/{photo}/gray.png   the photo's lightness as a gray PNG (the input the page shows)
-  POST /api/colorize                  {"photo", "hints": [points], "download": false} -> the
-                                      colorization as PNG: for display (fast), or with
-                                      "download": true the very file `colorize` writes
+  POST /api/colorize                  {"photo", "hints": [points]} -> the colorization as a PNG
+                                      for display (same pixels, encoded fast); its serial number
+                                      in the X-Result header
+  GET  /api/photos/{photo}/results/{serial}.png   that colorization as the very file `colorize`
+                                      writes, while it is the photo's latest
   POST /api/ab                        {"colors": ["#rrggbb", ...]} -> {"ab": [[a, b], ...]}
   POST /api/hints                     {"photo", "hints": [points]} -> {"hints": checked points,
                                       "colors": swatches}, for a hints file the page loads
@@ -91,8 +93,13 @@ def create_app(engine: engine_lib.DemoEngine, *, allowed_hosts: Sequence[str] | 
     async def colorize(request: Request) -> Response:
         body = await _read_json(request)
         points = engine_lib.parse_points(body.get("hints", []))
-        preview = body.get("download") is not True
-        return _png(await run_in_threadpool(engine.colorize, body.get("photo"), points, preview=preview))
+        result = await run_in_threadpool(engine.colorize, body.get("photo"), points)
+        png = await run_in_threadpool(engine_lib.encode_png, result.image, preview=True)
+        return _png(png, {"X-Result": str(result.serial)})
+
+    async def download(request: Request) -> Response:
+        photo, serial = request.path_params["photo"], request.path_params["serial"]
+        return _png(await run_in_threadpool(engine.download_png, photo, serial))
 
     async def ab(request: Request) -> Response:
         colors = (await _read_json(request)).get("colors")
@@ -113,6 +120,7 @@ def create_app(engine: engine_lib.DemoEngine, *, allowed_hosts: Sequence[str] | 
         Route("/api/photos", upload, methods=["POST"]),
         Route("/api/photos/{photo}/gray.png", gray),
         Route("/api/colorize", colorize, methods=["POST"]),
+        Route("/api/photos/{photo}/results/{serial:int}.png", download),
         Route("/api/ab", ab, methods=["POST"]),
         Route("/api/hints", check_hints, methods=["POST"]),
     ]
@@ -170,8 +178,8 @@ def _json(content: Any, status: int = 200) -> Response:
     return JSONResponse(content, status_code=status, headers=SECURITY_HEADERS)
 
 
-def _png(content: bytes) -> Response:
-    return Response(content, media_type="image/png", headers=SECURITY_HEADERS)
+def _png(content: bytes, headers: dict[str, str] | None = None) -> Response:
+    return Response(content, media_type="image/png", headers={**SECURITY_HEADERS, **(headers or {})})
 
 
 async def _refused(request: Request, error: Exception) -> Response:

@@ -5,8 +5,9 @@ merge (`inference.PhotoColorizer`, the code `colorize` runs), so memory stays bo
 work, and a request that would queue behind too many others is refused as busy instead of waiting.
 Uploaded photos live only in this process's memory (the last few, by id, each with its latest
 colorization); nothing is written to disk. The PNG shown in the page is encoded fast (same
-pixels); the one downloaded is encoded as `image_files.write_image` encodes it, so it is the file
-`colorize` writes for the same photo and hints.
+pixels); the one downloaded (the latest colorization, by its serial number) is encoded as
+`image_files.write_image` encodes it, so it is the file `colorize` writes for the same photo and
+hints.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import itertools
 import math
 import secrets
 import threading
@@ -81,14 +83,23 @@ class Limits:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """A colorization: its serial number (unique in the server's life), its hints, uint8 RGB."""
+
+    serial: int
+    points: tuple[hints.Hint, ...]
+    image: np.ndarray
+
+
 @dataclasses.dataclass
 class StoredPhoto:
-    """An uploaded photo: the network's view of it without hints, its gray rendering (PNG), and the
-    latest colorization (the hints and uint8 RGB), which a download of the same hints reuses."""
+    """An uploaded photo: the network's view of it without hints, its gray rendering (PNG), and its
+    latest colorization (what a download gives)."""
 
     photo: hints.Photo
     gray_png: bytes
-    latest: tuple[tuple[hints.Hint, ...], np.ndarray] | None = None
+    latest: Result | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -174,6 +185,7 @@ class DemoEngine:
         self._model_lock = threading.Lock()
         self._queue_lock = threading.Lock()
         self._queued = 0
+        self._serials = itertools.count(1)
 
     @property
     def size(self) -> int:
@@ -243,13 +255,10 @@ class DemoEngine:
             self._photos.move_to_end(photo_id)
             return stored
 
-    def colorize(self, photo_id: Any, points: Sequence[hints.Hint], *, preview: bool = False) -> bytes:
-        """The full-resolution PNG `colorize` writes for the photo and these hints.
+    def colorize(self, photo_id: Any, points: Sequence[hints.Hint]) -> Result:
+        """The full-resolution colorization `colorize` writes for the photo and these hints.
 
-        Args:
-          photo_id: an id `add_photo` returned.
-          points: the hints.
-          preview: encode fast for display (the same pixels, not the same bytes).
+        It becomes the photo's latest (the same hints as the latest reuse it).
 
         Raises:
           RequestError: an unknown photo, a hint outside it, or the server busy.
@@ -257,13 +266,23 @@ class DemoEngine:
         stored = self.photo(photo_id)
         points = tuple(points)
         latest = stored.latest
-        if latest is not None and latest[0] == points:
-            image = latest[1]
-        else:
-            photo = dataclasses.replace(stored.photo, **self.hint_planes(stored, points))
-            image = self._run(lambda: self._network([photo], pad_to=1)[0])
-            stored.latest = (points, image)
-        return encode_png(image, preview=preview)
+        if latest is not None and latest.points == points:
+            return latest
+        photo = dataclasses.replace(stored.photo, **self.hint_planes(stored, points))
+        image = self._run(lambda: self._network([photo], pad_to=1)[0])
+        stored.latest = Result(next(self._serials), points, image)
+        return stored.latest
+
+    def download_png(self, photo_id: Any, serial: int) -> bytes:
+        """The PNG file `colorize` writes for the photo's latest colorization, if it is `serial`.
+
+        Raises:
+          RequestError: an unknown photo, or a colorization other than the latest (the page changed).
+        """
+        latest = self.photo(photo_id).latest
+        if latest is None or latest.serial != serial:
+            raise RequestError(404, "that colorization is no longer the latest; wait for the update, then download")
+        return encode_png(latest.image)
 
     def hint_planes(self, stored: StoredPhoto, points: Sequence[hints.Hint]) -> dict[str, np.ndarray]:
         """{"ab_hint", "mask"} of the points on the photo.

@@ -18,6 +18,7 @@ const state = {
   hints: [], // [{x, y, a, b, radius, color}]
   selected: -1,
   resultUrl: null, // Object URL of the PNG shown.
+  downloadUrl: null, // The server's URL of the same colorization as the file `colorize` writes.
   limits: null,
 };
 // An edit schedules an update; colour lookups (sRGB -> ab, on the server) hold it back until done.
@@ -52,13 +53,12 @@ async function request(path, options = {}) {
   return response;
 }
 
+function post(path, body) {
+  return request(path, { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) });
+}
+
 async function postJson(path, body) {
-  const response = await request(path, {
-    method: "POST",
-    headers: { "Content-Type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  return response.headers.get("Content-Type").startsWith("image/") ? response.blob() : response.json();
+  return (await post(path, body)).json();
 }
 
 async function abOf(color) {
@@ -74,7 +74,7 @@ async function abOf(color) {
 function setStatus(kind, text) {
   $("status").dataset.state = kind;
   $("status").textContent = text;
-  $("download-png").disabled = kind !== "ready" || !state.resultUrl;
+  $("download-png").disabled = kind !== "ready" || !state.downloadUrl;
 }
 
 function showError(error) {
@@ -110,7 +110,8 @@ async function openPhoto(file) {
   setStatus("working", `uploading ${file.name}…`);
   try {
     const info = await uploadPhoto(file);
-    Object.assign(state, { file, name: file.name, width: info.width, height: info.height, hints: [], selected: -1 });
+    const fresh = { file, name: file.name, width: info.width, height: info.height, hints: [], selected: -1 };
+    Object.assign(state, fresh, { downloadUrl: null });
     const gray = URL.createObjectURL(await (await request(`/api/photos/${info.photo}/gray.png`)).blob());
     $("gray").src = gray;
     $("before").src = gray;
@@ -148,15 +149,16 @@ async function runUpdate() {
   update.again = false;
   const hints = hintsJson();
   try {
-    let blob;
+    let response;
     try {
-      blob = await postJson("/api/colorize", { photo: state.photo, hints });
+      response = await post("/api/colorize", { photo: state.photo, hints });
     } catch (e) {
       if (e.status !== 404 || !state.file) throw e;
       await uploadPhoto(state.file); // The server dropped it for newer photos: send it again.
-      blob = await postJson("/api/colorize", { photo: state.photo, hints });
+      response = await post("/api/colorize", { photo: state.photo, hints });
     }
-    showResult(blob, hints);
+    state.downloadUrl = `/api/photos/${state.photo}/results/${response.headers.get("X-Result")}.png`;
+    showResult(await response.blob(), hints);
     if (!update.again) clearError();
   } catch (e) {
     showError(e);
@@ -313,19 +315,9 @@ function stem() {
   return state.name.replace(/\.[^.]*$/, "") || "photo";
 }
 
-// The file `colorize` writes: the same pixels as shown, encoded as colorize encodes (the server
-// reuses the colorization it made for these hints).
-async function downloadPng() {
-  $("download-png").disabled = true;
-  try {
-    const blob = await postJson("/api/colorize", { photo: state.photo, hints: hintsJson(), download: true });
-    const url = URL.createObjectURL(blob);
-    download(url, `${stem()}.png`);
-    setTimeout(() => URL.revokeObjectURL(url), 10000);
-  } catch (e) {
-    showError(e);
-  }
-  $("download-png").disabled = $("status").dataset.state !== "ready";
+// The file `colorize` writes: the colorization shown, encoded as colorize encodes it.
+function downloadPng() {
+  if (state.downloadUrl) download(state.downloadUrl, `${stem()}.png`);
 }
 
 function downloadHints() {

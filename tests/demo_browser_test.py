@@ -278,3 +278,26 @@ def test_a_bad_file_shows_an_error_and_the_server_goes_on(browser, server, photo
     browser.find_element(By.ID, "file").send_keys(str(photo))
     wait_until_updated(browser)
     assert not error.is_displayed()
+
+
+def test_dragging_moves_a_hint_and_delete_removes_it(browser, server, photo):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    width, height = Image.open(photo).size
+    browser.get(server)
+    browser.find_element(By.ID, "file").send_keys(str(photo))
+    wait_until_updated(browser)
+    plain_png = shown_image(browser)
+    click_photo(browser, 100, 100, width, height)
+    wait_until_updated(browser)
+    marker = browser.find_element(By.CSS_SELECTOR, "#markers .marker")
+    scale = width / browser.find_element(By.ID, "gray").size["width"]  # Photo pixels per CSS pixel.
+    ActionChains(browser).click_and_hold(marker).move_by_offset(40, 0).move_by_offset(40, 30).release().perform()
+    wait_until_updated(browser)
+    (moved,) = browser.execute_script("return hintsJson()")
+    assert abs(moved["x"] - (100 + 80 * scale)) <= 3 and abs(moved["y"] - (100 + 30 * scale)) <= 3, moved
+    browser.find_element(By.ID, "delete").click()
+    wait_until_updated(browser)
+    assert browser.execute_script("return hintsJson()") == []
+    assert shown_image(browser) == plain_png

@@ -204,13 +204,8 @@ class DemoEngine:
         if len(encoded) > self.limits.max_upload_bytes:
             raise RequestError(413, self.too_large_message())
         self._check_pixels(encoded)
-        try:
-            rgb = np.asarray(decode.decode_rgb(encoded))
-        except decode.UnreadableImageError as e:
-            raise RequestError(400, f"not an image this server can read ({e})") from None
-        photo = hints.prepare_photo(rgb, (), self.size)
-        gray = self._run(lambda: inference.merge_full_resolution(rgb, np.zeros((self.size, self.size, 2), np.float32)))
-        stored = StoredPhoto(photo, encode_png(gray, preview=True))
+        # Decoded in turn with the colorizations: one full-resolution photo in memory at a time.
+        stored = self._run(lambda: self._prepare(encoded))
         photo_id = secrets.token_urlsafe(12)
         with self._photos_lock:
             self._photos[photo_id] = stored
@@ -218,7 +213,17 @@ class DemoEngine:
                 self._photos.popitem(last=False)
         return photo_id, stored
 
+    def _prepare(self, encoded: bytes) -> StoredPhoto:
+        """The photo's network inputs and its gray rendering (which compiles the merge for its size)."""
+        try:
+            rgb = np.asarray(decode.decode_rgb(encoded))
+        except decode.UnreadableImageError as e:
+            raise RequestError(400, f"not an image this server can read ({e})") from None
+        gray = np.asarray(inference.merge_full_resolution(rgb, np.zeros((self.size, self.size, 2), np.float32)))
+        return StoredPhoto(hints.prepare_photo(rgb, (), self.size), encode_png(gray, preview=True))
+
     def too_large_message(self) -> str:
+        """What a too large upload is told."""
         return (
             f"file too large: the limit is {self.limits.max_upload_mb:g} MB "
             "(start the demo with a larger --max-upload-mb)"
@@ -304,7 +309,7 @@ class DemoEngine:
             self._queued += 1
         try:
             with self._model_lock:
-                return np.asarray(work())
+                return work()
         finally:
             with self._queue_lock:
                 self._queued -= 1

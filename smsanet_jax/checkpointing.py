@@ -112,6 +112,21 @@ def _is_disk_full(error: BaseException | None) -> bool:
     return False
 
 
+class _OrbaxDiskFullFilter(logging.Filter):
+    """Drops orbax's own reports of a full disk: each of its writer threads logs the traceback
+    (~330 lines for one failed save), and `Checkpointer` reports it once, as an OSError naming the
+    step. Debug logging (the CLI's `-v`) keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().isEnabledFor(logging.DEBUG) or f"{os.sep}orbax{os.sep}" not in record.pathname:
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        return not (_is_disk_full(error) or "No space left on device" in record.getMessage())
+
+
+_ORBAX_DISK_FULL_FILTER = _OrbaxDiskFullFilter()
+
+
 def _process_zero_value(value: int) -> int:
     """Process 0's `value` on every process (the value itself with one process)."""
     if jax.process_count() == 1:
@@ -135,6 +150,7 @@ class Checkpointer:
             options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, enable_async_checkpointing=True, cleanup_tmp_directories=True
             )
+            logging.getLogger("absl").addFilter(_ORBAX_DISK_FULL_FILTER)  # orbax logs through absl.
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "meta"))
 
     def latest_step(self) -> int | None:
@@ -171,13 +187,7 @@ class Checkpointer:
         needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * _FREE_SPACE_MARGIN + _FREE_SPACE_SLACK_BYTES
         free = _process_zero_value(shutil.disk_usage(self.directory).free)
         if free < needed:
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while saving the checkpoint at step {step}: {free / 2**20:.0f} MiB free, "
-                f"it needs about {needed / 2**20:.0f} MiB. The older checkpoints are intact; free some space and "
-                "rerun the same command to resume",
-                str(self.directory),
-            )
+            raise self._disk_full(step, f": {free / 2**20:.0f} MiB free, it needs about {needed / 2**20:.0f} MiB")
 
     @contextlib.contextmanager
     def _disk_full_as_oserror(self, step: int | None) -> Iterator[None]:
@@ -187,12 +197,16 @@ class Checkpointer:
         except Exception as e:
             if not _is_disk_full(e):
                 raise
-            raise OSError(
-                errno.ENOSPC,
-                f"no space left on device while saving the checkpoint at step {step}. The older checkpoints are "
-                "intact; free some space and rerun the same command to resume",
-                str(self.directory),
-            ) from None
+            raise self._disk_full(step) from None
+
+    def _disk_full(self, step: int | None, detail: str = "") -> OSError:
+        """The one error a full disk gives (the CLI prints it as `DIR: message`)."""
+        return OSError(
+            errno.ENOSPC,
+            f"no space left on device while saving the checkpoint at step {step}{detail}. The older checkpoints "
+            "are intact; free some space and rerun the same command to resume",
+            str(self.directory),
+        )
 
     def restore_latest(
         self,

@@ -252,13 +252,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       OSError: a full disk (the older checkpoints stay intact).
     """
     config_util.validate_train_config(config, state_lib.DTYPES)
-    conv_path = cpu_conv.prepare(config.conv_impl)  # Before the model's first trace.
     os.makedirs(workdir, exist_ok=True)
     lead = jax.process_index() == 0
     mesh = parallel.make_mesh(config.num_devices)
     loader = _train_loader(config, mesh)  # Checks the data settings before any data is read.
     batches = iter(loader)
-    model = state_lib.build_model(config)
+    model = state_lib.build_model(config)  # Logs the convolution path it prepared.
+    conv_path = cpu_conv.describe(config.conv_impl)
     pfanet_variables = load_pfanet(config, mesh)
     with contextlib.ExitStack() as closing:  # Closed in reverse order, however the run ends.
         checkpointer = closing.enter_context(

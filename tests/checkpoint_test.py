@@ -249,3 +249,37 @@ def test_full_disk_in_orbax_writer_threads_is_one_oserror_naming_the_step(tmp_pa
     assert raised.value.errno == errno.ENOSPC
     assert "no space left on device while saving the checkpoint at step 2" in raised.value.strerror
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
+
+
+def test_orbax_tracebacks_of_a_full_disk_are_dropped_unless_debugging(tmp_path):
+    checkpointing.Checkpointer(str(tmp_path)).close()  # Installs the filter on orbax's (absl's) logger.
+    absl_logger = logging.getLogger("absl")
+
+    def record(error):
+        where = os.path.join(os.path.dirname(ocp.__file__), "_src", "checkpointers", "async_checkpointer.py")
+        return logging.LogRecord("absl", logging.ERROR, where, 1, "save failed", (), (type(error), error, None))
+
+    disk_full = ValueError("RESOURCE_EXHAUSTED: Failed to write 2998272 bytes to file 11: No space left on device")
+    assert not absl_logger.filter(record(disk_full))
+    assert absl_logger.filter(record(ValueError("something else broke")))
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.DEBUG)
+    try:
+        assert absl_logger.filter(record(disk_full))
+    finally:
+        root.setLevel(level)
+
+
+def test_a_save_cut_short_is_cleaned_up_by_the_next_run(tmp_path):
+    checkpointer = checkpointing.Checkpointer(str(tmp_path))
+    checkpointer.save(1, small_state(1), ocp.args.JsonSave({}), {})
+    checkpointer.close()
+    leftover = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp"  # What a full disk or a kill leaves.
+    (leftover / "state").mkdir(parents=True)
+    checkpointer = checkpointing.Checkpointer(str(tmp_path), keep=2)
+    restored = checkpointer.restore_latest(small_state(0))
+    checkpointer.save(2, small_state(2), ocp.args.JsonSave({}), {})
+    checkpointer.close()
+    assert restored.step == 1 and not leftover.exists()
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1", "2"]

@@ -258,27 +258,15 @@ class Checkpointer:
         items = ["state", "meta"] + (["data"] if data is not None else [])
         missing = [item for item in items if not (self.directory / str(step) / item).exists()]
         if missing:
-            raise _DamagedCheckpoint(f"{where} is damaged: its {' and '.join(missing)} folder is missing")
-        try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except Exception as e:  # Whatever orbax raises on unreadable files.
-            raise _DamagedCheckpoint(f"{where} is damaged: its metadata cannot be read ({_brief(e)})") from e
+            folders = "folders are" if len(missing) > 1 else "folder is"
+            raise _DamagedCheckpoint(f"{where} is damaged: its {' and '.join(missing)} {folders} missing")
+        meta = self._restore_items(step, where, "its metadata cannot be read", meta=ocp.args.JsonRestore())["meta"]
         if check is not None:
             check(step, meta)
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data is not None:
             args["data"] = data
-        try:
-            state = self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
-        except ValueError as e:
-            if "in checkpoint does not match" in str(e):  # grain's check of the iterator state.
-                raise CheckpointMismatchError(
-                    f"{where} was saved with other data settings ({str(e).splitlines()[0]}); resume with the same "
-                    "--config.data.*, --config.global_batch_size and number of processes, or use a new --workdir"
-                ) from None
-            raise _DamagedCheckpoint(f"{where} is damaged: it cannot be restored ({_brief(e)})") from e
-        except Exception as e:  # tensorstore raises bare Exceptions for truncated files.
-            raise _DamagedCheckpoint(f"{where} is damaged: it cannot be restored ({_brief(e)})") from e
+        state = self._restore_items(step, where, "it cannot be restored", **args)["state"]
         expected = meta.get(STATE_SHA256)
         if expected is None:
             logging.warning("%s has no checksum (saved by an older smsanet-jax): restored unverified", where)
@@ -288,6 +276,18 @@ class Checkpointer:
                 "the save)"
             )
         return Restored(step, state, meta)
+
+    def _restore_items(self, step: int, where: str, failure: str, **items: ocp.args.CheckpointArgs) -> Any:
+        """orbax's restore of some items, its errors told apart: grain's data mismatch, or damage."""
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:  # Whatever orbax, tensorstore (bare Exceptions) and grain raise.
+            if isinstance(e, ValueError) and "in checkpoint does not match" in str(e):  # grain's own check.
+                raise CheckpointMismatchError(
+                    f"{where} was saved with other data settings ({str(e).splitlines()[0]}); resume with the same "
+                    "--config.data.*, --config.global_batch_size and number of processes, or use a new --workdir"
+                ) from None
+            raise _DamagedCheckpoint(f"{where} is damaged: {failure} ({_brief(e)})") from e
 
     def _set_aside(self, steps: list[int]) -> None:
         """Moves damaged steps out of `checkpoints/`, so that training can save those steps again."""

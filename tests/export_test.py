@@ -14,21 +14,14 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from smsanet_jax import cli, colorize, colorspace, config_util, export, exported, hints, inference, state, weights
+from smsanet_jax import colorize, colorspace, config_util, export, exported, hints, inference, state, weights
+from tests.cli_utils import one_error_line, run_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"basenet": "configs/basenet.py", "smsanet": "configs/smsanet.py"}
 WIDTH = 16
 FORMATS = {"onnx": "onnx", "stablehlo": "stablehlo"}  # Format -> file extension.
 PHOTOS = (skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea())
-
-
-def run_cli(args, capsys):
-    """(exit status, stderr) of `smsanet-jax ARGS` run in this process."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(args)
-    return exit_info.value.code, capsys.readouterr().err
 
 
 def model_args(width=WIDTH):
@@ -187,7 +180,7 @@ def test_colorize_onnx_gives_the_pngs_of_colorize(exports, colorizers, photo_fol
     assert not report.failed
     onnx_file = exports["smsanet", 64, "onnx"].path
     args = ["colorize", str(folder), "--onnx", onnx_file, "--hints", str(hints_file), "--batch-size", "2"]
-    status, err = run_cli([*args, "--out", str(tmp_path / "onnx")], capsys)
+    status, err = run_cli(capsys, [*args, "--out", str(tmp_path / "onnx")])
     assert status == 0, err
     assert_same_pngs(with_jax, tmp_path / "onnx")
 
@@ -195,11 +188,9 @@ def test_colorize_onnx_gives_the_pngs_of_colorize(exports, colorizers, photo_fol
 def test_fixed_batch_export_pads_and_refuses_other_batches(colorizers, photo_folder, tmp_path, capsys):
     folder, _ = photo_folder
     path = str(tmp_path / "batch2.onnx")
-    status, err = run_cli(
-        ["export", "--format", "onnx", "--out", path, "--image-size", "64", "--batch", "2", "--params"]
-        + [colorizers["basenet"].provenance["source"], "--config", CONFIGS["basenet"], *model_args()],
-        capsys,
-    )
+    source = colorizers["basenet"].provenance["source"]
+    args = ["export", "--format", "onnx", "--out", path, "--image-size", "64", "--batch", "2", "--params", source]
+    status, err = run_cli(capsys, [*args, "--config", CONFIGS["basenet"], *model_args()])
     assert status == 0, err
     network = exported.OnnxNetwork(path)
     assert network.batch == 2
@@ -208,7 +199,7 @@ def test_fixed_batch_export_pads_and_refuses_other_batches(colorizers, photo_fol
     # colorize runs 3 photos as batches of 2 (the last one padded) with the JAX model's results.
     with_jax = tmp_path / "jax"
     colorize.colorize(inference.PhotoColorizer(colorizers["basenet"], size=64), [str(folder)], str(with_jax))
-    status, err = run_cli(["colorize", str(folder), "--onnx", path, "--out", str(tmp_path / "onnx")], capsys)
+    status, err = run_cli(capsys, ["colorize", str(folder), "--onnx", path, "--out", str(tmp_path / "onnx")])
     assert status == 0, err
     assert_same_pngs(with_jax, tmp_path / "onnx")
 
@@ -280,7 +271,7 @@ def test_files_of_other_networks_are_refused(exports, tmp_path, capsys):
     onnx.save(identity, other)
     with pytest.raises(ValueError, match="not a smsanet-jax colorizer export"):
         exported.OnnxNetwork(str(other))
-    status, err = run_cli(["colorize", str(other), "--onnx", str(other), "--out", str(tmp_path / "out")], capsys)
+    status, err = run_cli(capsys, ["colorize", str(other), "--onnx", str(other), "--out", str(tmp_path / "out")])
     assert status == 2 and "not a smsanet-jax colorizer export" in err and len(err.strip().splitlines()) == 1
     # A StableHLO file beside the JSON of another export (BaseNet's file, SMSANet's JSON).
     swapped = tmp_path / "swapped.stablehlo"
@@ -325,11 +316,11 @@ def basenet_params(colorizers):
 def test_bad_export_options_give_one_line(basenet_params, extra, message, tmp_path, capsys):
     out = tmp_path / "x.onnx"
     args = ["export", "--format", "onnx", "--out", str(out), *basenet_params, *model_args(), *extra]
-    status, err = run_cli(args, capsys)
-    errors = [line for line in err.splitlines() if line.startswith("smsanet-jax export: error: ")]
-    assert status == 2 and len(errors) == 1 and errors[0] == err.strip().splitlines()[-1], err
+    status, err = run_cli(capsys, args)
+    line = one_error_line(err)
+    assert status == 2 and line == err.strip().splitlines()[-1], err  # argparse's usage lines may precede it.
     if message:
-        assert errors[0].startswith(f"smsanet-jax export: error: {message}"), err
+        assert line.startswith(f"smsanet-jax export: error: {message}"), err
     assert os.listdir(tmp_path) == []
 
 
@@ -340,23 +331,23 @@ def test_smsanet_image_size_step_is_64(colorizers, tmp_path):
 
 def test_bad_outputs_give_one_line(basenet_params, tmp_path, capsys, monkeypatch):
     base = ["export", "--format", "stablehlo", "--image-size", "64", *basenet_params, *model_args()]
-    status, err = run_cli([*base, "--out", str(tmp_path)], capsys)
+    status, err = run_cli(capsys, [*base, "--out", str(tmp_path)])
     assert status == 2 and "is a folder; give a file name" in err
     (tmp_path / "file").write_text("")
-    status, err = run_cli([*base, "--out", str(tmp_path / "file" / "x.stablehlo")], capsys)
+    status, err = run_cli(capsys, [*base, "--out", str(tmp_path / "file" / "x.stablehlo")])
     assert status == 2 and "is a file" in err
     existing = tmp_path / "model.stablehlo"
     existing.write_text("keep me")
-    status, err = run_cli([*base, "--out", str(existing)], capsys)
+    status, err = run_cli(capsys, [*base, "--out", str(existing)])
     assert status == 2 and "exists; pass --overwrite to replace it" in err and existing.read_text() == "keep me"
     locked = tmp_path / "locked"
     locked.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(locked) else real_access(p, mode))
-    status, err = run_cli([*base, "--out", str(locked / "x.stablehlo")], capsys)
+    status, err = run_cli(capsys, [*base, "--out", str(locked / "x.stablehlo")])
     assert status == 2 and "is not writable" in err and os.listdir(locked) == []
     monkeypatch.undo()
-    status, err = run_cli([*base, "--out", str(existing), "--overwrite"], capsys)
+    status, err = run_cli(capsys, [*base, "--out", str(existing), "--overwrite"])
     assert status == 0, err
     assert export.StableHloNetwork(str(existing)).size == 64
 
@@ -375,9 +366,8 @@ def test_export_from_a_training_workdir(tmp_path_factory, tmp_path, capsys):
 
     workdir, _ = tiny_checkpoint.trained_workdir(tmp_path_factory)
     out = tmp_path / "tiny.onnx"
-    status, err = run_cli(
-        ["export", "--workdir", workdir, "--format", "onnx", "--out", str(out), "--image-size", "32"], capsys
-    )
+    args = ["export", "--workdir", workdir, "--format", "onnx", "--out", str(out), "--image-size", "32"]
+    status, err = run_cli(capsys, args)
     assert status == 0, err
     assert "max |ab - JAX|" in err
     metadata = exported.OnnxNetwork(str(out)).metadata

@@ -16,7 +16,7 @@ from smsanet_jax import files
 from smsanet_jax.cpu import malloc
 
 # Errors a user can fix: bad arguments, configs, files, a full disk. Anything else is a bug.
-USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError)
+USER_ERRORS = (ValueError, FileNotFoundError, FloatingPointError, OSError, ModuleNotFoundError)
 
 
 def _paths(args: argparse.Namespace, *names: str) -> None:
@@ -437,6 +437,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def _one_line(error: Exception) -> str:
     """The error's message; OS errors name the file and what went wrong, without errno noise."""
+    if isinstance(error, ModuleNotFoundError):
+        return f"{error.name} is not installed; this command needs it (see the extras in docs/export.md)"
     if isinstance(error, OSError) and error.strerror:
         where = f"{error.filename}: " if error.filename else ""
         return f"{where}{error.strerror}"

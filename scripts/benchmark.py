@@ -1,6 +1,6 @@
 """Training and inference speed on the current backend, side by side with the PyTorch reference.
 
-  .venv/bin/python scripts/benchmark.py --out results.json            # everything: ~10 min on 2 idle CPU cores
+  .venv/bin/python scripts/benchmark.py --out results.json            # everything: 10-15 min on 2 idle CPU cores
   .venv/bin/python scripts/benchmark.py --models smsanet --batches 1  # the headline row only
   .venv/bin/python scripts/benchmark.py --quick --out /tmp/b.json     # tiny sizes: a smoke test
 

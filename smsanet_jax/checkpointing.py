@@ -128,10 +128,13 @@ _ORBAX_DISK_FULL_FILTER = _OrbaxDiskFullFilter()
 
 
 def _process_zero_value(value: int) -> int:
-    """Process 0's `value` on every process (the value itself with one process)."""
+    """Process 0's `value` (below 2**31) on every process; the value itself with one process.
+
+    JAX without x64 carries int32, so larger values (a disk's byte count) must be scaled first.
+    """
     if jax.process_count() == 1:
         return value
-    return int(multihost_utils.broadcast_one_to_all(np.int64(value)))
+    return int(multihost_utils.broadcast_one_to_all(np.int32(min(value, 2**31 - 1))))
 
 
 class Checkpointer:
@@ -185,9 +188,9 @@ class Checkpointer:
     def _check_free_space(self, step: int, state: Any) -> None:
         """Refuses a save the disk cannot hold: orbax's writer threads would fail it noisily."""
         needed = sum(leaf.nbytes for leaf in jax.tree.leaves(state)) * _FREE_SPACE_MARGIN + _FREE_SPACE_SLACK_BYTES
-        free = _process_zero_value(shutil.disk_usage(self.directory).free)
-        if free < needed:
-            raise self._disk_full(step, f": {free / 2**20:.0f} MiB free, it needs about {needed / 2**20:.0f} MiB")
+        free_mib = _process_zero_value(shutil.disk_usage(self.directory).free // 2**20)
+        if free_mib * 2**20 < needed:
+            raise self._disk_full(step, f": {free_mib} MiB free, it needs about {needed / 2**20:.0f} MiB")
 
     @contextlib.contextmanager
     def _disk_full_as_oserror(self, step: int | None) -> Iterator[None]:

@@ -67,11 +67,6 @@ class MetricWriter:
         if self.enabled:
             self._tb.add_text(tag, text, 0)
 
-    def flush(self) -> None:
-        if self.enabled:
-            self._tb.flush()
-            self._jsonl.flush()
-
     def close(self) -> None:
         if self.enabled:
             self._tb.close()

@@ -15,8 +15,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from smsanet_jax import cli, evaluation, files, reporting
-from tests import tiny_checkpoint
+from smsanet_jax import evaluation, files, reporting
+from tests import cli_utils, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +36,15 @@ def photos(tmp_path):
 
 def run(capsys, *argv):
     """(exit status, stderr) of the command, in this process."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([str(a) for a in argv])
-    return exit_info.value.code, capsys.readouterr().err
+    return cli_utils.run_cli(capsys, [str(a) for a in argv])
 
 
 def one_clear_line(err, command, *needles):
-    lines = [line for line in err.splitlines() if line.startswith(f"smsanet-jax {command}: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err, err
+    line = cli_utils.one_error_line(err)
+    assert line.startswith(f"smsanet-jax {command}: error:"), line
     for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+        assert needle in line, (needle, line)
+    return line
 
 
 def snapshot(folder):

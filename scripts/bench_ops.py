@@ -76,7 +76,13 @@ def timed_functions(case: Case, impl: str, dtype: jnp.dtype, grads: bool) -> dic
 
         return run
 
-    fns = {"fwd": lambda x, k, dy: op(x, k), "fwd+bwd": fwd_bwd((0, 1))}
+    # "fwd" is the forward pass where nothing is differentiated (inference), "fwd (in grad)" the one
+    # a training step runs: wide 3x3 convs choose differently (`cpu/conv.py`, `_conv3x3_wide`).
+    fns = {
+        "fwd": lambda x, k, dy: op(x, k),
+        "fwd (in grad)": lambda x, k, dy: jax.vjp(op, x, k)[0],
+        "fwd+bwd": fwd_bwd((0, 1)),
+    }
     if grads:
         fns.update({"fwd+dx": fwd_bwd((0,)), "fwd+dw": fwd_bwd((1,))})
     return {name: jax.jit(f) for name, f in fns.items()}
@@ -104,13 +110,14 @@ def bench_case(case: Case, args: argparse.Namespace) -> list[dict]:
         for fns in impls.values():
             jax.block_until_ready(fns[part](x, k, dy))  # Compile and warm up.
         # XLA's transposed-conv backward takes seconds per call: fewer rounds keep the run short.
-        rounds = args.rounds if case.op == "conv" or part == "fwd" else max(2, args.rounds // 2)
+        backward = "bwd" in part or "+d" in part
+        rounds = args.rounds if case.op == "conv" or not backward else max(2, args.rounds // 2)
         for _ in range(rounds):
             for impl, fns in impls.items():
                 start = time.perf_counter()
                 jax.block_until_ready(fns[part](x, k, dy))
                 times[impl].append(time.perf_counter() - start)
-        part_flops = flops * {"fwd": 1, "fwd+bwd": 3}.get(part, 2)
+        part_flops = flops * {"fwd": 1, "fwd (in grad)": 1, "fwd+bwd": 3}.get(part, 2)
         median = {impl: float(np.median(t)) for impl, t in times.items()}
         rows.append(
             dict(

@@ -105,14 +105,46 @@ def test_conv3x3_matches_lax(n, h, w, cin, cout, d):
     x, kernel, dy = random_arrays((n, h, w, cin), (3, 3, cin, cout), (n, h, w, cout))
     expected = value_and_grads(lax_op((3, 3), (d, d)), x, kernel, dy)
     assert_close(value_and_grads(conv_op((3, 3), (d, d)), x, kernel, dy), expected)
+    # Without a gradient, the wide forms take another forward pass (see the next test).
+    assert_close(jax.jit(conv_op((3, 3), (d, d)))(x, kernel), expected[0])
 
 
-@pytest.mark.parametrize("cin,cout,uses_winograd", [(64, 64, True), (512, 256, True), (4, 64, False), (512, 32, False)])
-def test_wide_3x3_convs_take_winograd(cin, cout, uses_winograd):
-    x, kernel = random_arrays((1, 8, 8, cin), (3, 3, cin, cout))
+def lowers_to_xla_convolution(fn, *args) -> bool:
+    return "stablehlo.convolution" in jax.jit(fn).lower(*args).as_text()
+
+
+@pytest.mark.parametrize(
+    "cin,cout,trains_by_winograd,infers_by_winograd",
+    [
+        (64, 64, True, False),
+        (128, 64, True, False),
+        (128, 128, True, True),
+        (384, 64, True, True),
+        (512, 256, True, True),
+        (4, 64, False, False),
+        (512, 32, False, False),
+    ],
+)
+def test_wide_3x3_convs_take_winograd(cin, cout, trains_by_winograd, infers_by_winograd):
+    """Differentiated, Winograd from 64 channels; forward only, from a reduced width I*O/(I+O) of 48."""
+    x, kernel, dy = random_arrays((1, 8, 8, cin), (3, 3, cin, cout), (1, 8, 8, cout))
     for d in (1, 2):
-        jaxpr = str(jax.make_jaxpr(conv_op((3, 3), (d, d)))(x, kernel))
-        assert ("conv_general_dilated" not in jaxpr) == uses_winograd
+        op = conv_op((3, 3), (d, d))
+        assert lowers_to_xla_convolution(op, x, kernel) != infers_by_winograd
+        trained = lowers_to_xla_convolution(lambda x, kernel, dy, op=op: jax.vjp(op, x, kernel)[1](dy), x, kernel, dy)
+        assert trained != trains_by_winograd
+
+
+def test_forward_only_holds_under_stop_gradient():
+    """PFANet in the salient loss sees its inputs under stop_gradient: it takes the forward-only form."""
+    x, kernel = random_arrays((1, 8, 8, 64), (3, 3, 64, 64))
+    op = conv_op((3, 3), (1, 1))
+
+    def loss(scale):
+        return (op(lax.stop_gradient(x * scale), kernel) * scale).sum()
+
+    lowered = jax.jit(jax.grad(loss)).lower(1.0).as_text()
+    assert "stablehlo.convolution" in lowered and "custom_call" not in lowered
 
 
 def test_1x1_conv_is_a_matmul_that_matches_lax():

@@ -222,12 +222,12 @@ def test_traces_never_build_the_library(monkeypatch, unprepared):
     monkeypatch.setattr(native, "_registered_library", recording_build)
     # Shapes no other test traces: jit keeps each trace, and one made before prepare() stays XLA's.
     conv = functools.partial(cpu_conv.conv2d, padding=((1, 1), (1, 1)))
-    kernel = jnp.ones((3, 3, 72, 72))
-    assert "smsanet_windows_to_planes" not in str(jax.make_jaxpr(conv)(jnp.ones((1, 10, 6, 72)), kernel))
+    kernel = jnp.ones((3, 3, 128, 128))
+    assert "smsanet_windows_to_planes" not in str(jax.make_jaxpr(conv)(jnp.ones((1, 10, 6, 128)), kernel))
     assert cpu_conv.describe("auto") == "cpu (xla transforms: not prepared before tracing)"
     with pytest.raises(RuntimeError, match="inside a jit trace"):
         jax.jit(lambda x: native.prepare() or x)(1.0)
     assert tracing_at_build == []
     assert cpu_conv.prepare("auto") == "cpu+native"
     assert tracing_at_build == [False]
-    assert "smsanet_windows_to_planes" in str(jax.make_jaxpr(conv)(jnp.ones((1, 6, 10, 72)), kernel))
+    assert "smsanet_windows_to_planes" in str(jax.make_jaxpr(conv)(jnp.ones((1, 6, 10, 128)), kernel))

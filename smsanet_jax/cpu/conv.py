@@ -9,7 +9,8 @@ transposed (input-dilated) convolution takes 30-300x as long as its forward pass
 convolution takes a generic loop several times slower than the matmul it is. So the formulations
 here write those gradients out (custom VJPs), and 3x3 and transposed convolutions with at least
 64 input and output channels go further: Winograd (`winograd.py`), 2.25x fewer multiplications
-than any direct form, in the forward pass and both gradients.
+than any direct form, in the forward pass and both gradients. Where nothing is differentiated, the
+narrower of those take XLA's direct forward pass instead (`_conv3x3_wide`).
 
 A run calls `prepare(conv_impl)` before its model's first trace: it builds the native Winograd
 transforms (`native.py`) outside any trace and returns `describe(conv_impl)`, the path the run's
@@ -121,7 +122,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, *, padding: Padding, dilation: tuple
     if formulation == "matmul":
         return _conv1x1(x, kernel)
     if formulation == "winograd":
-        return _conv3x3_winograd(x, kernel, dilation[0])
+        return _conv3x3_wide(x, kernel, dilation[0])
     if formulation == "shifted_vjp":
         return _conv_shifted_vjp(x, kernel, padding, dilation)
     raise ValueError(
@@ -297,6 +298,43 @@ def _conv3x3_winograd(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Arr
     y = winograd.correlation(phases, kernel, winograd.F2X2_3X3, ((1, 1), (1, 1)))
     y = y.reshape(d, d, n, rows // d, cols // d, -1).transpose(2, 3, 0, 4, 1, 5).reshape(n, rows, cols, -1)
     return y[:, :h, :w]
+
+
+# Without a gradient (inference, and PFANet inside the salient loss), Winograd's forward pass
+# beats the direct one only when its transforms' memory traffic, which grows as 1/I + 1/O per
+# multiplication, is small enough: I * O / (I + O) >= 48. Forward passes measured on XLA:CPU at
+# batch 1 and 4 ("fwd" against "fwd (in grad)" in scripts/bench_ops.py): direct 1.2-1.6x faster
+# for 64 -> 64 and 128 -> 64 at 128-256 px, a tie for 64 -> 128; Winograd 1.05-1.7x faster from
+# 128 -> 128 up, and for PFANet's 384 -> 64. With a gradient, Winograd wins from 64 channels
+# (`winograd.MIN_CHANNELS`).
+_MIN_FORWARD_ONLY_REDUCED_WIDTH = 48
+
+
+def _winograd_forward_pays(cin: int, cout: int) -> bool:
+    return cin * cout >= _MIN_FORWARD_ONLY_REDUCED_WIDTH * (cin + cout)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv3x3_wide(x: jax.Array, kernel: jax.Array, dilation: int) -> jax.Array:
+    """'Same' 3x3 correlation of wide layers: Winograd when differentiated, else the faster forward pass.
+
+    JAX evaluates this primal only where nothing is differentiated (a jit of the forward pass, or
+    inputs under `stop_gradient`); under `grad` it takes `_conv3x3_wide_fwd` and the backward pass.
+    """
+    if _winograd_forward_pays(x.shape[-1], kernel.shape[-1]):
+        return _conv3x3_winograd(x, kernel, dilation)
+    return _conv_f32(x, kernel, ((dilation, dilation),) * 2, (dilation, dilation))
+
+
+def _conv3x3_wide_fwd(x, kernel, dilation):
+    return jax.vjp(lambda x, kernel: _conv3x3_winograd(x, kernel, dilation), x, kernel)
+
+
+def _conv3x3_wide_bwd(dilation, vjp_fn, dy):
+    return vjp_fn(dy)
+
+
+_conv3x3_wide.defvjp(_conv3x3_wide_fwd, _conv3x3_wide_bwd)
 
 
 # The 4x4 stride-2 transposed convolution by output phases. Output pixel (2m + a, 2n + b) only

@@ -6,7 +6,9 @@
 `quickstart` is configs/quickstart.py's input: sample_photos (photos up to 1411x1411) to 64x64
 crops, batch 8, no worker process, with the decode cache off (every example decoded afresh, as
 before the cache) and on (the default). CPU ms per image counts every thread of this process (the
-cost a training step on the same cores competes with), wall images/s the rate alone.
+cost a training step on the same cores competes with), wall images/s the rate alone. Then
+(unless --train-steps 0) the quickstart train step's images/s on one fixed batch (compute only)
+and fed by the loader with the cache off and on, in train.py's loop, rounds alternating.
 
 `jpegs` writes --num-files JPEGs of about 500x375 (quality 90, cut from the sample photos),
 prepares them as an image-folder dataset, and times the loader (decode, short-side resize, random
@@ -22,6 +24,7 @@ still fills during the first epoch, which a long run amortises.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import tempfile
 import time
@@ -31,6 +34,7 @@ import skimage.data
 from PIL import Image
 
 from smsanet_jax import data
+from smsanet_jax.cpu import malloc
 from smsanet_jax.data import decode, pipeline, sample_photos, sources, transforms
 
 
@@ -83,12 +87,12 @@ def time_per_image(paths: list[str], image_size: int, reduced: bool) -> float:
     start = time.perf_counter()
     for blob in blobs:
         image = decode.decode_rgb(blob, target_size=image_size if reduced else None)
-        transforms.ab_spread(transforms.random_crop(image, image_size, rng))
+        transforms.ab_spread(transforms.random_crop(transforms.resize_short_side(image, image_size), image_size, rng))
     return len(blobs) / (time.perf_counter() - start)
 
 
 def quickstart(args: argparse.Namespace) -> None:
-    """configs/quickstart.py's input, decode cache off and on."""
+    """configs/quickstart.py's input, decode cache off and on; then its train step fed by each."""
     with tempfile.TemporaryDirectory() as data_dir:
         data.prepare(sources.SAMPLE_PHOTOS, data_dir=data_dir)
         print(
@@ -100,6 +104,69 @@ def quickstart(args: argparse.Namespace) -> None:
             for label, cache in (("off", 0), ("on", pipeline.DEFAULT_DECODE_CACHE_BYTES)):
                 rate, cpu_ms = time_loader(sources.SAMPLE_PHOTOS, data_dir, 0, args, decode_cache_bytes=cache)
                 print(f"{label:>12s}  {rate:8.1f}  {cpu_ms:12.2f}")
+        if args.train_steps:
+            time_quickstart_training(data_dir, args)
+
+
+def time_quickstart_training(data_dir: str, args: argparse.Namespace) -> None:
+    """Training images/s of configs/quickstart.py: on one fixed batch (compute only), and fed by the loader.
+
+    The loop is train.py's: a host batch placed on the mesh each step, metrics fetched every
+    `log_every_steps` (the only waits, as in training), so loading overlaps the dispatched step
+    exactly as much as it does there. Rounds alternate the three feeds.
+    """
+    import jax  # Only this part needs JAX.
+
+    from smsanet_jax import config_util, parallel, train
+    from smsanet_jax import state as state_lib
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = config_util.load_config(os.path.join(root, "configs", "quickstart.py"), [])
+    mesh = parallel.make_mesh(config.num_devices)
+    state = state_lib.create_train_state(config, state_lib.build_model(config), mesh)
+    step_fn = train.jit_train_step(config, mesh)
+
+    def loader_batches(cache_bytes: int):
+        loader = data.make_train_loader(
+            name=config.data.name,
+            data_dir=data_dir,
+            image_size=config.image_size,
+            local_batch_size=config.global_batch_size,
+            seed=config.seed,
+            num_workers=0,
+            gray_threshold=config.data.gray_threshold,
+            decode_cache_bytes=cache_bytes,
+        )
+        return (parallel.make_global({"rgb": b["rgb"]}, mesh) for b in iter(loader))
+
+    fixed = next(loader_batches(0))
+    feeds = {
+        "compute only (one batch)": itertools.repeat(fixed),
+        "loader, decode cache off": loader_batches(0),
+        "loader, decode cache on": loader_batches(pipeline.DEFAULT_DECODE_CACHE_BYTES),
+    }
+    rates = {name: [] for name in feeds}
+
+    def run(feed, steps):
+        nonlocal state
+        start = time.perf_counter()
+        for step in range(1, steps + 1):
+            state, metrics = step_fn(state, next(feed), None)
+            if step % config.log_every_steps == 0 or step == steps:
+                jax.device_get(metrics)
+        return steps * config.global_batch_size / (time.perf_counter() - start)
+
+    for feed in feeds.values():
+        run(feed, config.log_every_steps)  # Compiles once, fills the cache's first batches.
+    for _ in range(args.repeats):
+        for name, feed in feeds.items():
+            rates[name].append(run(feed, args.train_steps))
+    print(f"quickstart train step, batch {config.global_batch_size}, {args.train_steps} steps per round")
+    print("feed                        images/s (median)  of compute only")
+    compute = float(np.median(rates["compute only (one batch)"]))
+    for name, values in rates.items():
+        median = float(np.median(values))
+        print(f"{name:26s}  {median:17.1f}  {median / compute:14.0%}")
 
 
 def jpegs(args: argparse.Namespace) -> None:
@@ -128,6 +195,7 @@ def jpegs(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    malloc.reexec_with_tuned_malloc()  # As the smsanet-jax command runs: the train step's speed depends on it.
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", choices=("quickstart", "jpegs"))
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="jpegs: worker counts")
@@ -136,6 +204,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="timed batches per loader")
     parser.add_argument("--image-size", type=int, help="default: 64 (quickstart), 256 (jpegs)")
     parser.add_argument("--repeats", type=int, default=2, help="quickstart: rounds of cache off/on")
+    parser.add_argument(
+        "--train-steps", type=int, default=100, help="quickstart: train steps per round and feed (0 skips training)"
+    )
     args = parser.parse_args()
     quick = args.case == "quickstart"
     args.batch_size = args.batch_size or (8 if quick else 32)

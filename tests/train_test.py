@@ -169,6 +169,15 @@ def test_salient_loss_keeps_pfanet_frozen_and_trains_colorizer():
     assert all(np.isfinite(l["salient"]) for l in losses)
 
 
+def test_salient_step_is_the_same_with_either_conv_impl():
+    """The fast path (PFANet's forward-only forms, the colorizer's Winograd) leaves the loss and gradient as XLA's."""
+    salient = ("--config.loss.alpha=1.0", "--config.init.pfanet=random")
+    _, fast, _ = run_steps(tiny_config(*salient, "--config.conv_impl=cpu"), num_devices=1, num_steps=1)
+    _, xla, _ = run_steps(tiny_config(*salient, "--config.conv_impl=xla"), num_devices=1, num_steps=1)
+    assert fast[0]["salient"] > 0  # Some pixels are salient: the masks are part of what is compared.
+    chex.assert_trees_all_close(fast[0], xla[0], rtol=1e-5)
+
+
 def test_salient_loss_without_pfanet_weights_is_a_clear_error():
     config = tiny_config("--config.loss.alpha=1.0")
     with pytest.raises(ValueError, match="convert-weights"):

@@ -18,8 +18,9 @@ DEFAULT_GRAY_THRESHOLD = 5.0
 # The largest a range + b range any sRGB crop can have (a in [-86.2, 98.2], b in [-107.9, 94.5]):
 # a threshold at or above it skips every crop.
 _MAX_AB_SPREAD = 386.8
-# Decoded training images kept in memory per process (split between its worker processes), so a
-# small dataset of large photos is decoded once, not once per crop. Filled first come, first kept.
+# Training images kept in memory per process (split between its worker processes), decoded and
+# resized to the crop size's short side, so a small dataset of large photos is decoded and resized
+# once, not once per crop. Filled first come, first kept.
 DEFAULT_DECODE_CACHE_BYTES = 256 << 20
 # A training shard in which this many examples in a row are unusable is broken data, not bad luck:
 # stop with an error instead of filtering forever.
@@ -47,36 +48,35 @@ class _SkipLog:
             )
 
 
-class _DecodedImages:
-    """Decoded images by record id, up to a byte budget (first come, first kept; never evicted).
+class _ResizedImages:
+    """Training images by record id, decoded and resized to the crop size's short side, up to a byte budget.
 
-    One cache serves one loader, so one target size: what `decode.decode_rgb` returns for it is
-    what is kept, and a cached image gives exactly the crops a fresh decode gives. Keeping the
-    first images that fit (rather than evicting) costs nothing on datasets far larger than the
-    budget, where no policy would hit often.
+    First come, first kept; never evicted: keeping the first images that fit costs nothing on
+    datasets far larger than the budget, where no policy would hit often. A kept image is exactly
+    what a fresh decode and resize give, so the batches do not depend on the budget.
     """
 
-    def __init__(self, target_size: int, max_bytes: int):
-        self._size = target_size
+    def __init__(self, size: int, max_bytes: int):
+        self._size = size
         self._max_bytes = max_bytes
-        self._images: dict[int, object] = {}
+        self._images: dict[int, np.ndarray] = {}
         self._bytes = 0
 
-    def get(self, record: dict):
-        """The decoded image of `record` (raises decode.UnreadableImageError, never cached)."""
+    def get(self, record: dict) -> np.ndarray:
+        """uint8 [H, W, 3], short side `size` (raises decode.UnreadableImageError, never cached)."""
         key = int(record["id"])
         image = self._images.get(key)
         if image is None:
-            image = decode.decode_rgb(record["image"], target_size=self._size)
-            size = image.width * image.height * 3
-            if self._bytes + size <= self._max_bytes:
+            decoded = decode.decode_rgb(record["image"], target_size=self._size)
+            image = transforms.resize_short_side(decoded, self._size)
+            if self._bytes + image.nbytes <= self._max_bytes:
                 self._images[key] = image
-                self._bytes += size
+                self._bytes += image.nbytes
         return image
 
 
 class _TrainExample(grain.transforms.Map):
-    """Record -> {"rgb", "id"}: decode, short-side resize, random crop and flip; or a skip marker.
+    """Record -> {"rgb", "id"}: decode and short-side resize (kept while the budget lasts), crop, flip; or a skip.
 
     The crop and flip are drawn from the seed and the record's position in the *global* stream,
     so they do not depend on the number of processes or workers, nor on the decode cache.
@@ -86,7 +86,7 @@ class _TrainExample(grain.transforms.Map):
         self._size = image_size
         self._gray_threshold = gray_threshold
         self._seed = seed
-        self._images = _DecodedImages(image_size, cache_bytes)
+        self._images = _ResizedImages(image_size, cache_bytes)
 
     def map(self, record: dict) -> dict:
         try:
@@ -406,9 +406,10 @@ def make_train_loader(
     and the example's global position. With worker processes each grain worker batches its own
     share of the stream, so an example's batch (not its crop) depends on `num_workers`, and a
     checkpointed iterator resumes only with the same `num_workers` and process count. Unreadable
-    examples and near-grayscale crops are skipped (counted and logged). Decoded images are kept
-    in memory up to `decode_cache_bytes`, so a small dataset is decoded once per process (or
-    worker), not once per crop; the batches are the same with or without the cache.
+    examples and near-grayscale crops are skipped (counted and logged). Decoded images, resized to
+    the crop size's short side, are kept in memory up to `decode_cache_bytes`, so a small dataset
+    is decoded once per process (or worker), not once per crop; the batches are the same with or
+    without the cache.
 
     Args:
       name: dataset name (see `sources`); folders and sample_photos are prepared on demand.
@@ -421,7 +422,7 @@ def make_train_loader(
       gray_threshold: skip crops whose a range + b range (Lab units) is below this; 0 keeps all.
       process_index: this process's shard (default: `jax.process_index()`).
       process_count: number of shards (default: `jax.process_count()`).
-      decode_cache_bytes: memory for decoded images in this process, split between the
+      decode_cache_bytes: memory for decoded, resized images in this process, split between the
         workers; 0 decodes every example afresh.
 
     Returns:

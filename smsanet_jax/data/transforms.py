@@ -52,12 +52,26 @@ def center_crop(image: Image.Image, size: int) -> np.ndarray:
     return resize_and_crop(image, size, (new_width - size) // 2, (new_height - size) // 2)
 
 
-def random_crop(image: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Training geometry: short side resized to `size`, a random crop, a random horizontal flip."""
-    new_width, new_height = resized_size(*image.size, size)
-    left = int(rng.integers(0, new_width - size + 1))
-    top = int(rng.integers(0, new_height - size + 1))
-    crop = resize_and_crop(image, size, left, top)
+def resize_short_side(image: Image.Image, size: int) -> np.ndarray:
+    """The whole image with its short side scaled to `size` (bicubic): what training crops are cut from.
+
+    Returns:
+      uint8 [H, W, 3] with min(H, W) == size.
+    """
+    return np.asarray(image.resize(resized_size(*image.size, size), RESAMPLE))
+
+
+def random_crop(resized: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Training geometry: a random `size` x `size` window of `resize_short_side`'s output, randomly flipped.
+
+    Cutting crops from the resized image (rather than resampling each crop's box from the source,
+    as `resize_and_crop` does for the single evaluation crop) makes a crop a slice: a decoded,
+    resized image is kept once and serves every crop drawn from it.
+    """
+    height, width = resized.shape[:2]
+    left = int(rng.integers(0, width - size + 1))
+    top = int(rng.integers(0, height - size + 1))
+    crop = resized[top : top + size, left : left + size]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return np.ascontiguousarray(crop)

@@ -175,7 +175,10 @@ def test_salient_step_is_the_same_with_either_conv_impl():
     _, fast, _ = run_steps(tiny_config(*salient, "--config.conv_impl=cpu"), num_devices=1, num_steps=1)
     _, xla, _ = run_steps(tiny_config(*salient, "--config.conv_impl=xla"), num_devices=1, num_steps=1)
     assert fast[0]["salient"] > 0  # Some pixels are salient: the masks are part of what is compared.
+    grad_norms = fast[0].pop("grad_norm"), xla[0].pop("grad_norm")
     chex.assert_trees_all_close(fast[0], xla[0], rtol=1e-5)
+    # The colorizer's gradient: Winograd against direct convolutions, summed in different orders.
+    np.testing.assert_allclose(*grad_norms, rtol=1e-4)
 
 
 def test_salient_loss_without_pfanet_weights_is_a_clear_error():

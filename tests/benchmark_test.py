@@ -149,3 +149,21 @@ def test_quick_run_writes_every_measurement(tmp_path):
     for row in (*results["training"], *results["pytorch"]):
         assert row["flops_per_image"] > 0
         assert row["fraction_of_peak"] == pytest.approx(row["flops_per_second"] / peak)
+
+
+def test_input_benchmark_times_the_quickstart_step_with_each_feed():
+    """scripts/benchmark_input.py quickstart, tiny: the loader table and the train step fed three ways."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "benchmark_input.py"), "quickstart"]
+        + ["--batches", "1", "--repeats", "1", "--train-steps", "2"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    feeds = [line for line in lines if line.startswith(("compute only", "loader, decode cache"))]
+    assert len(feeds) == 3, result.stdout
+    assert feeds[0].rstrip().endswith("100%")
+    assert all(float(line.split()[-2]) > 0 for line in feeds)  # images/s

@@ -235,6 +235,11 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> int:
 
     _model_paths(args)
     _at_least(args, 1, "image_size", "batch")
+    if any(override.split("=", 1)[0] == "--config.conv_impl" for override in overrides):
+        raise ValueError(
+            "--config.conv_impl: export always traces the portable XLA convolutions (the CPU fast path's custom "
+            "calls cannot be exported, and the weights are the same either way); drop the option"
+        )
     args.out = export.check_out(args.out, args.format, args.overwrite)  # Before the model loads.
     result = export.export_colorizer(
         _colorizer(args, overrides),

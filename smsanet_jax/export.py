@@ -88,7 +88,7 @@ def export_colorizer(
       What was written, with the measured error.
 
     Raises:
-      ValueError: a bad option (each named), the gray baseline, conv_impl "cpu", or an export that
+      ValueError: a bad option (each named), the gray baseline, or an export that
         differs from the JAX model by more than `PARITY_TOLERANCE` (then nothing is written).
     """
     if fmt not in FORMATS:
@@ -142,11 +142,8 @@ def _inference_fn(colorizer: inference.Colorizer) -> Callable[..., jax.Array]:
     if colorizer.provenance["config"] is None:
         raise ValueError(f"{colorizer.provenance['source']}: a baseline has no network to export; give a model")
     config = ml_collections.ConfigDict(colorizer.provenance["config"])
-    if config.conv_impl == "cpu":
-        raise ValueError(
-            "conv_impl=cpu: the CPU fast path's custom calls cannot be exported; export always traces the "
-            "portable XLA convolutions, so leave conv_impl at auto or xla (drop --config.conv_impl=cpu)"
-        )
+    # How a run computes its convolutions is not part of the model (the weights are the same for
+    # every conv_impl), so a workdir trained with conv_impl=cpu exports like any other.
     config.conv_impl = "xla"
     model = state.build_model(config)
     variables = jax.device_get(colorizer.variables)

@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -309,7 +310,7 @@ def basenet_params(colorizers):
         (["--image-size", "60"], "--image-size 60: this network takes sides that are positive multiples of 8"),
         (["--batch", "0"], "--batch must be >= 1"),
         (["--batch", "-2"], "--batch must be >= 1"),
-        (["--config.conv_impl=cpu"], "conv_impl=cpu: the CPU fast path's custom calls cannot be exported"),
+        (["--config.conv_impl=cpu"], "--config.conv_impl: export always traces the portable XLA convolutions"),
         (["--format", "tflite"], None),  # argparse's own error.
     ],
 )
@@ -372,3 +373,16 @@ def test_export_from_a_training_workdir(tmp_path_factory, tmp_path, capsys):
     assert "max |ab - JAX|" in err
     metadata = exported.OnnxNetwork(str(out)).metadata
     assert metadata["step"] == 4 and metadata["source"] == workdir
+    # A run trained with the CPU fast path named in its config exports the same network.
+    cpu_workdir = tmp_path / "trained_with_cpu_convs"
+    shutil.copytree(workdir, cpu_workdir)
+    config = json.loads((cpu_workdir / "config.json").read_text())
+    (cpu_workdir / "config.json").write_text(json.dumps({**config, "conv_impl": "cpu"}))
+    cpu_out = tmp_path / "cpu.onnx"
+    status, err = run_cli(capsys, [*args[:2], str(cpu_workdir), *args[3:6], str(cpu_out), *args[7:]])
+    assert status == 0, err
+    l = np.linspace(0, 100, 32 * 32, dtype=np.float32).reshape(1, 32, 32, 1)
+    no_hints = np.zeros((1, 32, 32, 2), np.float32), np.zeros((1, 32, 32, 1), np.float32)
+    np.testing.assert_array_equal(
+        exported.OnnxNetwork(str(cpu_out))(l, *no_hints), exported.OnnxNetwork(str(out))(l, *no_hints)
+    )

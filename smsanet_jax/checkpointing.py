@@ -4,15 +4,16 @@ A training checkpoint holds three items saved at the same step: the train state,
 grain iterator state (so a resumed run reads exactly the next batches), and JSON metadata: what
 the caller records (the model config and the data identity, so that a workdir reused with another
 model or other data fails clearly instead of inside orbax or grain) plus `state_sha256`, the
-SHA-256 of the train state as it was saved (`tree_sha256`).
+SHA-256 of the train state as it was saved (`tree_sha256`), and `data_sha256`, that of each
+process's iterator state.
 
 Orbax verifies no array bytes on restore (its zarr3 layout checksums only the shard index, and
 the default OCDBT layout nothing), so a checkpoint overwritten in place restores garbage. The
 checksum rides in the metadata item, which orbax commits in the same step folder as the state:
 no checkpoint exists without its checksum, and none needs a second write after the asynchronous
 save. `restore_latest` tries the steps newest first: a step with a missing item, files orbax
-cannot read, or arrays that differ from their checksum is reported (one warning naming the step
-and what is wrong) and the next older step is tried. In a writable workdir those damaged steps
+cannot read, or arrays or an iterator state that differ from their checksums is reported (one
+warning naming the step and what is wrong) and the next older step is tried. In a writable workdir those damaged steps
 are moved to `damaged_checkpoints/` beside `checkpoints/` (kept for inspection, never deleted),
 so that training saves those steps afresh. A checkpoint written before checksums existed (no
 `state_sha256`) is restored unverified, with a warning saying so.
@@ -38,6 +39,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 STATE_SHA256 = "state_sha256"
+# One SHA-256 per process of its data iterator's saved state, in process order.
+DATA_SHA256 = "data_sha256"
 DAMAGED_FOLDER = "damaged_checkpoints"
 # Room kept free beyond a checkpoint's array bytes: orbax's metadata files (~2% for a small
 # network) and the TensorBoard and report files written meanwhile.
@@ -127,6 +130,31 @@ class _OrbaxDiskFullFilter(logging.Filter):
 _ORBAX_DISK_FULL_FILTER = _OrbaxDiskFullFilter()
 
 
+def _data_sha256(data: ocp.args.CheckpointArgs) -> str | None:
+    """SHA-256 of this process's data iterator state; None for args that hold no iterator.
+
+    grain's save and restore args hold the iterator as `item`; grain writes exactly `get_state()`
+    and restores it with `set_state`, which round-trips, so the state read back hashes like the
+    state saved.
+    """
+    get_state = getattr(getattr(data, "item", None), "get_state", None)
+    return None if get_state is None else hashlib.sha256(get_state()).hexdigest()
+
+
+def _every_process(digest: str) -> list[str]:
+    """Each process's hex digest, in process order, on every process."""
+    if jax.process_count() == 1:
+        return [digest]
+    rows = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
+    return [bytes(row).hex() for row in np.asarray(rows)]
+
+
+def _true_on_every_process(flag: bool) -> bool:
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.int32(flag))))
+
+
 def _process_zero_value(value: int) -> int:
     """Process 0's `value` (below 2**31) on every process; the value itself with one process.
 
@@ -176,7 +204,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=data,
-            meta=ocp.args.JsonSave({**meta, STATE_SHA256: tree_sha256(state)}),
+            meta=ocp.args.JsonSave({**meta, STATE_SHA256: tree_sha256(state), **self._data_checksums(data)}),
         )
         with self._disk_full_as_oserror(step):
             saved = self.manager.save(step, args=args, force=True)
@@ -184,6 +212,11 @@ class Checkpointer:
             self._saving = step
             logging.info("saving checkpoint at step %d", step)
         return saved
+
+    @staticmethod
+    def _data_checksums(data: ocp.args.CheckpointArgs) -> dict[str, list[str]]:
+        digest = _data_sha256(data)
+        return {} if digest is None else {DATA_SHA256: _every_process(digest)}
 
     def _check_free_space(self, step: int, state: Any) -> None:
         """Refuses a save the disk cannot hold: orbax's writer threads would fail it noisily."""
@@ -270,6 +303,8 @@ class Checkpointer:
         if data is not None:
             args["data"] = data
         state = self._restore_items(step, where, "it cannot be restored", **args)["state"]
+        if data is not None:
+            self._verify_data(where, data, meta.get(DATA_SHA256))
         expected = meta.get(STATE_SHA256)
         if expected is None:
             logging.warning("%s has no checksum (saved by an older smsanet-jax): restored unverified", where)
@@ -279,6 +314,19 @@ class Checkpointer:
                 "the save)"
             )
         return Restored(step, state, meta)
+
+    @staticmethod
+    def _verify_data(where: str, data: ocp.args.CheckpointArgs, expected: list[str] | None) -> None:
+        """Raises _DamagedCheckpoint on every process if any process's restored iterator state fails its checksum."""
+        if expected is None:  # Saved before data checksums: the state's own check warns about the old format.
+            return
+        index = jax.process_index()
+        intact = len(expected) == jax.process_count() and _data_sha256(data) == expected[index]
+        if not _true_on_every_process(intact):
+            raise _DamagedCheckpoint(
+                f"{where} is damaged: a data iterator state differs from the checksum saved with it (the files changed "
+                "after the save)"
+            )
 
     def _restore_items(self, step: int, where: str, failure: str, **items: ocp.args.CheckpointArgs) -> Any:
         """orbax's restore of some items, its errors told apart: grain's data mismatch, or damage."""

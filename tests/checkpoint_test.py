@@ -179,10 +179,21 @@ def test_no_intact_checkpoint_is_one_clear_error_naming_the_workdir(clean, tmp_p
 
 
 @pytest.mark.slow
-def test_training_resumes_from_the_newest_intact_checkpoint_exactly(clean, tmp_path, caplog):
+def edit_data_state(workdir, step):
+    """The iterator state moved on by one example: valid JSON that grain would restore without a word."""
+    path = os.path.join(step_dir(workdir, step), "data", "process_0-of-1.json")
+    with open(path, encoding="utf-8") as f:
+        state = json.load(f)
+    state["last_seen_indices"]["0"] += 1
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(state, f, indent=4)
+
+
+@pytest.mark.parametrize("damage", [overwrite_bytes, edit_data_state])
+def test_training_resumes_from_the_newest_intact_checkpoint_exactly(clean, tmp_path, caplog, damage):
     """Step 6 damaged: the run resumes at 4, sets 6 aside, and trains 5 and 6 to the clean run's params."""
     workdir = copy_of(clean, tmp_path)
-    overwrite_bytes(workdir, 6)
+    damage(workdir, 6)
     caplog.set_level(logging.WARNING)
     config = config_util.load_config(TINY, [f"--config.data.data_dir={clean[1]}", *RUN])
     state = train.train_and_evaluate(config, workdir)

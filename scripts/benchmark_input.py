@@ -157,7 +157,7 @@ def time_quickstart_training(data_dir: str, args: argparse.Namespace) -> None:
         return steps * config.global_batch_size / (time.perf_counter() - start)
 
     for feed in feeds.values():
-        run(feed, config.log_every_steps)  # Compiles once, fills the cache's first batches.
+        run(feed, min(config.log_every_steps, args.train_steps))  # Compiles once, fills the cache's first batches.
     for _ in range(args.repeats):
         for name, feed in feeds.items():
             rates[name].append(run(feed, args.train_steps))

@@ -13,9 +13,9 @@ checksum rides in the metadata item, which orbax commits in the same step folder
 no checkpoint exists without its checksum, and none needs a second write after the asynchronous
 save. `restore_latest` tries the steps newest first: a step with a missing item, files orbax
 cannot read, or arrays or an iterator state that differ from their checksums is reported (one
-warning naming the step and what is wrong) and the next older step is tried. In a writable workdir those damaged steps
-are moved to `damaged_checkpoints/` beside `checkpoints/` (kept for inspection, never deleted),
-so that training saves those steps afresh. A checkpoint written before checksums existed (no
+warning naming the step and what is wrong) and the next older step is tried. In a writable
+workdir those damaged steps are moved to `damaged_checkpoints/` beside `checkpoints/` (kept for
+inspection, never deleted), so that training saves those steps afresh. A checkpoint written before checksums existed (no
 `state_sha256`) is restored unverified, with a warning saying so.
 """
 
@@ -141,12 +141,15 @@ def _data_sha256(data: ocp.args.CheckpointArgs) -> str | None:
     return None if get_state is None else hashlib.sha256(get_state()).hexdigest()
 
 
-def _every_process(digest: str) -> list[str]:
-    """Each process's hex digest, in process order, on every process."""
+def _data_checksums(data: ocp.args.CheckpointArgs) -> dict[str, list[str]]:
+    """{DATA_SHA256: every process's digest, in process order} (a collective), or {} for args without an iterator."""
+    digest = _data_sha256(data)
+    if digest is None:
+        return {}
     if jax.process_count() == 1:
-        return [digest]
+        return {DATA_SHA256: [digest]}
     rows = multihost_utils.process_allgather(np.frombuffer(bytes.fromhex(digest), np.uint8))
-    return [bytes(row).hex() for row in np.asarray(rows)]
+    return {DATA_SHA256: [bytes(row).hex() for row in np.asarray(rows)]}
 
 
 def _true_on_every_process(flag: bool) -> bool:
@@ -204,7 +207,7 @@ class Checkpointer:
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=data,
-            meta=ocp.args.JsonSave({**meta, STATE_SHA256: tree_sha256(state), **self._data_checksums(data)}),
+            meta=ocp.args.JsonSave({**meta, STATE_SHA256: tree_sha256(state), **_data_checksums(data)}),
         )
         with self._disk_full_as_oserror(step):
             saved = self.manager.save(step, args=args, force=True)
@@ -212,11 +215,6 @@ class Checkpointer:
             self._saving = step
             logging.info("saving checkpoint at step %d", step)
         return saved
-
-    @staticmethod
-    def _data_checksums(data: ocp.args.CheckpointArgs) -> dict[str, list[str]]:
-        digest = _data_sha256(data)
-        return {} if digest is None else {DATA_SHA256: _every_process(digest)}
 
     def _check_free_space(self, step: int, state: Any) -> None:
         """Refuses a save the disk cannot hold: orbax's writer threads would fail it noisily."""
